@@ -1,0 +1,1 @@
+"""Cython hot paths: gzip checkpoints (zran), tar scanning, the zTOC FlatBuffer."""

@@ -1,0 +1,155 @@
+"""Span geometry from a zTOC's checkpoints: which compressed bytes hold which output.
+
+``GzipZinfo`` reads upstream's packed gzip checkpoint blob (``gzip_zinfo.h``,
+versions 1 and 2); ``TarZinfo`` describes an uncompressed layer cut into equal
+spans. Both answer the same questions, so readers never branch on the format.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from typing import Protocol
+
+from soci._native import flatbuf
+from soci.errors import ZtocFormatError
+from soci.ztoc.model import Compression, Ztoc
+
+WINDOW_SIZE = 32768
+_CHECKPOINT = struct.Struct("<qqB")
+_CHECKPOINT_SIZE = _CHECKPOINT.size + WINDOW_SIZE
+_HEADER = struct.Struct("<iq")
+#: The version written into TarZinfo by upstream.
+TAR_ZINFO_VERSION = 2
+
+
+class Zinfo(Protocol):
+    span_size: int
+
+    @property
+    def max_span_id(self) -> int: ...
+
+    def span_of(self, offset: int) -> int: ...
+
+    def compressed_start(self, span: int) -> int: ...
+
+    def compressed_end(self, span: int) -> int: ...
+
+    def uncompressed_start(self, span: int) -> int: ...
+
+
+class GzipZinfo:
+    """Checkpoints of a gzip layer: ``(in, out, bits, window)`` per span."""
+
+    def __init__(self, blob: bytes, compressed_size: int) -> None:
+        if len(blob) < _HEADER.size:
+            raise ZtocFormatError("gzip checkpoint blob is shorter than its header")
+        count, self.span_size = _HEADER.unpack_from(blob, 0)
+        body = len(blob) - _HEADER.size
+        if count < 1 or self.span_size <= 0:
+            raise ZtocFormatError("gzip checkpoint blob has no checkpoints or a bad span size")
+        if body == count * _CHECKPOINT_SIZE:
+            first, self.version = 0, 2
+        elif body == (count - 1) * _CHECKPOINT_SIZE:
+            # Version 1 left out checkpoint 0, which was always just after a 10-byte header.
+            first, self.version = 1, 1
+        else:
+            raise ZtocFormatError(
+                f"gzip checkpoint blob size {len(blob)} does not match its {count} checkpoints"
+            )
+        self._blob = memoryview(blob)
+        self.compressed_size = compressed_size
+        self.ins: list[int] = [10] if first else []
+        self.outs: list[int] = [0] if first else []
+        self.bits: list[int] = [0] if first else []
+        self._windows: list[int] = [-1] if first else []
+        pos = _HEADER.size
+        for _ in range(first, count):
+            cin, cout, bits = _CHECKPOINT.unpack_from(blob, pos)
+            self.ins.append(cin)
+            self.outs.append(cout)
+            self.bits.append(bits)
+            self._windows.append(pos + _CHECKPOINT.size)
+            pos += _CHECKPOINT_SIZE
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.outs[0] != 0:
+            raise ZtocFormatError("first gzip checkpoint does not start at uncompressed offset 0")
+        for i in range(len(self.ins)):
+            if not 0 <= self.bits[i] <= 7:
+                raise ZtocFormatError(f"gzip checkpoint {i} has invalid bit count {self.bits[i]}")
+            if not (self.bits[i] == 0 and self.ins[i] >= 0 or self.ins[i] >= 1) or (
+                self.ins[i] > self.compressed_size
+            ):
+                raise ZtocFormatError(f"gzip checkpoint {i} lies outside the layer")
+            if i and (self.ins[i] < self.ins[i - 1] or self.outs[i] < self.outs[i - 1]):
+                raise ZtocFormatError(f"gzip checkpoint {i} goes backwards")
+
+    @property
+    def max_span_id(self) -> int:
+        return len(self.ins) - 1
+
+    def span_of(self, offset: int) -> int:
+        """The span holding uncompressed ``offset`` (the last checkpoint at or before it)."""
+        return max(bisect.bisect_right(self.outs, offset) - 1, 0)
+
+    def compressed_start(self, span: int) -> int:
+        return self.ins[span] - (1 if self.bits[span] else 0)
+
+    def compressed_end(self, span: int) -> int:
+        return self.compressed_size if span == self.max_span_id else self.ins[span + 1]
+
+    def uncompressed_start(self, span: int) -> int:
+        return self.outs[span]
+
+    def window(self, span: int) -> memoryview | bytes:
+        at = self._windows[span]
+        return bytes(WINDOW_SIZE) if at < 0 else self._blob[at : at + WINDOW_SIZE]
+
+
+class TarZinfo:
+    """An uncompressed layer: span ``i`` is bytes ``[i*span_size, (i+1)*span_size)``."""
+
+    def __init__(self, blob: bytes) -> None:
+        try:
+            self.version, self.span_size, self.size = flatbuf.decode_tar_zinfo(blob)
+        except ValueError as e:
+            raise ZtocFormatError(f"malformed tar zinfo: {e}") from None
+        if self.span_size <= 0 or self.size < 0:
+            raise ZtocFormatError("tar zinfo has a bad span size or layer size")
+
+    @staticmethod
+    def encode(span_size: int, size: int) -> bytes:
+        return flatbuf.encode_tar_zinfo(TAR_ZINFO_VERSION, span_size, size)
+
+    @property
+    def max_span_id(self) -> int:
+        spans, rest = divmod(self.size, self.span_size)
+        return spans if rest else spans - 1
+
+    def span_of(self, offset: int) -> int:
+        return min(offset // self.span_size, max(self.max_span_id, 0))
+
+    def compressed_start(self, span: int) -> int:
+        return span * self.span_size
+
+    def compressed_end(self, span: int) -> int:
+        return self.size if span == self.max_span_id else (span + 1) * self.span_size
+
+    def uncompressed_start(self, span: int) -> int:
+        return span * self.span_size
+
+
+def zinfo_of(ztoc: Ztoc) -> GzipZinfo | TarZinfo:
+    """The span geometry for a zTOC, checked against the zTOC's own span count."""
+    zinfo: GzipZinfo | TarZinfo
+    if ztoc.compression is Compression.GZIP:
+        zinfo = GzipZinfo(ztoc.checkpoints, ztoc.compressed_size)
+    else:
+        zinfo = TarZinfo(ztoc.checkpoints)
+    if zinfo.max_span_id != ztoc.max_span_id or len(ztoc.span_digests) != ztoc.span_count:
+        raise ZtocFormatError(
+            f"zTOC claims {ztoc.span_count} spans but its checkpoints and digests disagree"
+        )
+    return zinfo
