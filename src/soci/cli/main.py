@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, TypeVar
 import click
 
 from soci import __version__
+from soci._native.zran import ZLIB_VERSION
 from soci.errors import SociError
 from soci.fsutil import atomic_writer
 from soci.ztoc import (
@@ -65,7 +66,7 @@ def _read_ztoc(path: str) -> tuple[Ztoc, bytes]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="soci")
+@click.version_option(f"{__version__} (zlib {ZLIB_VERSION})", prog_name="soci")
 def cli() -> None:
     """SOCI: lazily loaded, unmodified OCI images."""
 

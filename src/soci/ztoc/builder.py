@@ -163,9 +163,9 @@ def build_ztoc(
                 boundaries = indexer.feed(chunk)
             else:
                 scanner.feed_bytes(chunk)
+                first_span = -(-total // span_size) * span_size
                 boundaries = [
-                    (at, 0)
-                    for at in range(-(-total // span_size) * span_size, total + len(chunk), span_size)
+                    (at, 0) for at in range(first_span, total + len(chunk), span_size)
                 ]
             hasher.items.put((chunk, boundaries, scanner.take_records()))
             total += len(chunk)

@@ -79,7 +79,7 @@ class GzipZinfo:
         for i in range(len(self.ins)):
             if not 0 <= self.bits[i] <= 7:
                 raise ZtocFormatError(f"gzip checkpoint {i} has invalid bit count {self.bits[i]}")
-            if not (self.bits[i] == 0 and self.ins[i] >= 0 or self.ins[i] >= 1) or (
+            if not ((self.bits[i] == 0 and self.ins[i] >= 0) or self.ins[i] >= 1) or (
                 self.ins[i] > self.compressed_size
             ):
                 raise ZtocFormatError(f"gzip checkpoint {i} lies outside the layer")

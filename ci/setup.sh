@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything soci needs on a fresh Debian 12 machine (as root), then the
+# package itself into ./.venv. Safe to run again: it skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential pkg-config zlib1g-dev cmake   # the Cython core: zlib, or zlib-ng built here
+  fuse3 libfuse3-dev                       # the layer filesystem (FUSE)
+  flatbuffers-compiler                     # flatc: tests re-read zTOCs independently
+  pigz libarchive-tools tar gzip zstd      # other tar and gzip writers the tests use
+  podman skopeo buildah docker-registry runc fuse-overlayfs   # images, registry, podman
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "ci/setup.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# The fast path: link the native core against zlib-ng (SOCI_ZLIB=system opts out).
+if [ "${SOCI_ZLIB:-zlib-ng}" = "zlib-ng" ]; then
+  SOCI_ZLIB_PREFIX=$(bash ci/build-zlib-ng.sh)
+  export SOCI_ZLIB_PREFIX
+fi
+.venv/bin/python -m pip install -q -e ".[test,dev]"
+echo "ci/setup.sh: ready ($(.venv/bin/soci --version))"

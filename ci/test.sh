@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (ci/setup.sh) and run the whole test suite. This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/setup.sh
+.venv/bin/ruff check src tests bench
+exec .venv/bin/python -m pytest -q "$@"

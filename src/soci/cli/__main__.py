@@ -1,0 +1,3 @@
+from soci.cli.main import main
+
+main()
