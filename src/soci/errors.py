@@ -19,3 +19,41 @@ class ZtocFormatError(SociError):
 
 class NotFoundError(SociError):
     """A requested file, digest or object does not exist."""
+
+
+class DigestMismatchError(SociError):
+    """Content did not match the digest (or size) it was requested by; it was not used."""
+
+
+class InvalidReferenceError(SociError, ValueError):
+    """An image reference (``registry/repository:tag@digest``) does not parse.
+
+    Also a ``ValueError`` so callers validating user input can catch it the usual way.
+    """
+
+
+class RegistryError(SociError):
+    """A registry answered with an error, or could not be reached after retries.
+
+    ``status`` is the HTTP status (``None`` for transport failures), ``code`` the first
+    distribution error code from the body (``MANIFEST_UNKNOWN``, ...), and ``transient``
+    tells whether trying the whole operation again later could succeed (5xx, 429,
+    connection errors); uploads use it to decide whether to restart.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.transient = transient
+
+
+class AuthError(RegistryError):
+    """Credentials are missing, rejected, or do not grant the access a request needs."""

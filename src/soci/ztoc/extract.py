@@ -7,13 +7,14 @@ request) and inflated from the first span's checkpoint in the native core.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from typing import Protocol
 
 from soci._native.zran import inflate_range
-from soci.errors import LayerFormatError, NotFoundError
-from soci.ztoc.model import Compression, FileMetadata, Ztoc
+from soci.errors import DigestMismatchError, LayerFormatError, NotFoundError
+from soci.ztoc.model import FileMetadata, Ztoc
 from soci.ztoc.zinfo import GzipZinfo, TarZinfo, zinfo_of
 
 _MAX_LINK_DEPTH = 40
@@ -59,26 +60,44 @@ class LayerReader:
         self.blob = blob
 
     def read(self, offset: int, size: int) -> bytes:
-        """Return ``size`` uncompressed bytes starting at ``offset``."""
+        """Return ``size`` uncompressed bytes starting at ``offset``.
+
+        The whole spans holding the range are fetched and each is checked
+        against its span digest before a byte of it is used.
+        """
         if size <= 0:
             return b""
-        if self.ztoc.compression is Compression.UNCOMPRESSED:
-            return self.blob.read_at(offset, size)
         zinfo = self.zinfo
-        assert isinstance(zinfo, GzipZinfo)
         first = zinfo.span_of(offset)
         last = zinfo.span_of(offset + size - 1)
         start = zinfo.compressed_start(first)
         comp = self.blob.read_at(start, zinfo.compressed_end(last) - start)
-        out = bytearray(size)
-        got = inflate_range(
-            comp, zinfo.bits[first], zinfo.window(first), offset - zinfo.outs[first], out
-        )
+        self._verify(comp, start, first, last)
+        if isinstance(zinfo, TarZinfo):
+            data = comp[offset - start : offset - start + size]
+            got = len(data)
+        else:
+            out = bytearray(size)
+            got = inflate_range(
+                comp, zinfo.bits[first], zinfo.window(first), offset - zinfo.outs[first], out
+            )
+            data = bytes(out)
         if got != size:
             raise LayerFormatError(
                 f"layer ended early: got {got} of {size} bytes at uncompressed offset {offset}"
             )
-        return bytes(out)
+        return data
+
+    def _verify(self, comp: bytes, base: int, first: int, last: int) -> None:
+        view = memoryview(comp)
+        for span in range(first, last + 1):
+            lo = self.zinfo.compressed_start(span) - base
+            hi = self.zinfo.compressed_end(span) - base
+            digest = "sha256:" + hashlib.sha256(view[lo:hi]).hexdigest()
+            if digest != self.ztoc.span_digests[span]:
+                raise DigestMismatchError(
+                    f"span {span} of the layer does not match its digest in the zTOC"
+                )
 
     def read_file(self, entry: FileMetadata) -> bytes:
         return self.read(entry.offset, entry.size)

@@ -1,0 +1,165 @@
+"""``soci create``, ``soci push`` and ``soci convert``."""
+
+from __future__ import annotations
+
+import click
+
+from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.output import ProgressLine
+from soci.errors import NotFoundError, SociError
+from soci.image.destinations import open_destination
+from soci.image.names import parse_image_name
+from soci.image.resolve import resolve_image
+from soci.image.sources import open_source
+from soci.index.convert import convert_image
+from soci.index.create import (
+    DEFAULT_MIN_LAYER_SIZE,
+    OPTIMIZATIONS,
+    CreateOptions,
+    EmptyIndexError,
+    LayerOutcome,
+    create_index,
+)
+from soci.index.push import push_index
+from soci.oci.descriptor import Platform
+from soci.ztoc import DEFAULT_SPAN_SIZE
+
+
+def _platforms(values: tuple[str, ...]) -> list[Platform] | None:
+    return [Platform.parse(v) for v in values] or None
+
+
+def build_options(f):  # noqa: ANN001, ANN201 - a click decorator
+    for option in reversed([
+        click.option("--span-size", type=click.IntRange(min=1), default=DEFAULT_SPAN_SIZE,
+                     show_default=True, help="Uncompressed bytes between checkpoints."),
+        click.option("--min-layer-size", type=click.IntRange(min=0),
+                     default=DEFAULT_MIN_LAYER_SIZE, show_default=True,
+                     help="Skip layers smaller than this (0 indexes every layer)."),
+        click.option("--force", "-f", is_flag=True,
+                     help="Rebuild zTOCs that already exist for the same span size."),
+        click.option("--optimizations", multiple=True, type=click.Choice(OPTIMIZATIONS),
+                     help="Upstream's optional optimizations (xattr)."),
+        click.option("--platform", "platforms", multiple=True,
+                     help="os/arch[/variant] to index [default: this host's]; repeatable."),
+        click.option("--all-platforms", is_flag=True, help="Index every platform of the image."),
+        click.option("-q", "--quiet", is_flag=True, help="Only print errors and the result."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _reporter(quiet: bool):  # noqa: ANN202
+    def on_layer(o: LayerOutcome) -> None:
+        if quiet:
+            return
+        if o.status == "skipped":
+            click.echo(f"ztoc skipped - layer {o.layer.digest} ({o.layer.media_type}) {o.reason}")
+        elif o.status == "exists":
+            click.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest} (already exists)")
+        else:
+            click.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest}")
+    return on_layer
+
+
+@click.command()
+@click.argument("ref")
+@build_options
+@pass_app
+@one_line_errors
+def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
+           optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
+           quiet: bool) -> None:
+    """Create SOCI indexes (manifest v1) for an image: REF is a registry reference,
+    oci:DIR[:TAG] or oci-archive:FILE[:TAG]."""
+    name = parse_image_name(ref)
+    opts = CreateOptions(span_size, min_layer_size, force, optimizations)
+    source = open_source(name, app.client)
+    try:
+        resolved = resolve_image(source, _platforms(platforms), all_platforms)
+        made = 0
+        for image in resolved.images:
+            total = sum(layer.size for layer in image.manifest.layers)
+            progress = ProgressLine(f"indexing {image.platform}", total, quiet)
+            try:
+                created = create_index(source, image, app.store, opts, refs=[str(name)],
+                                       on_layer=_reporter(quiet), progress=progress.update)
+            except EmptyIndexError as e:
+                if len(resolved.images) == 1:
+                    raise
+                click.echo(f"skipped {image.platform}: {e}")
+                continue
+            finally:
+                progress.done()
+            made += 1
+            click.echo(f"{created.desc.digest}  SOCI index for {image.desc.digest} "
+                       f"({image.platform})")
+        if not made:
+            raise EmptyIndexError("no SOCI index created: every layer of every platform was "
+                                  "skipped")
+    finally:
+        source.close()
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--platform", "platforms", multiple=True,
+              help="os/arch[/variant] whose index to push [default: this host's]; repeatable.")
+@click.option("--all-platforms", is_flag=True, help="Push the indexes of every platform.")
+@click.option("--max-concurrent-uploads", type=click.IntRange(min=1), default=3,
+              show_default=True, help="Blob uploads in flight at once.")
+@click.option("-q", "--quiet", is_flag=True, help="Only print errors and the result.")
+@pass_app
+@one_line_errors
+def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
+         max_concurrent_uploads: int, quiet: bool) -> None:
+    """Push the SOCI indexes created for REF to its repository and register them as referrers."""
+    name = parse_image_name(ref)
+    if name.ref is None:
+        raise SociError("soci push needs a registry reference")
+    source = open_source(name, app.client)
+    resolved = resolve_image(source, _platforms(platforms), all_platforms)
+    pushed = 0
+    for image in resolved.images:
+        index_digest = app.store.mappings.get(image.desc.digest)
+        if index_digest is None or not app.store.content.has_blob(index_digest):
+            raise NotFoundError(f"no SOCI index for {image.desc.digest} ({image.platform}) in "
+                                f"{app.store.root}: run soci create {ref} first")
+        desc = push_index(app.client, name.ref, app.store, index_digest,
+                          max_concurrent_uploads=max_concurrent_uploads,
+                          report=None if quiet else click.echo)
+        click.echo(f"{desc.digest}  pushed for {image.desc.digest} ({image.platform})")
+        pushed += 1
+
+
+@click.command()
+@click.argument("src")
+@click.argument("dst")
+@build_options
+@pass_app
+@one_line_errors
+def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, force: bool,
+            optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
+            quiet: bool) -> None:
+    """Make a SOCI-enabled image (SOCI index manifest v2) of SRC at DST.
+
+    Each may be a registry reference, oci:DIR[:TAG] or oci-archive:FILE[:TAG].
+    """
+    src_name, dst_name = parse_image_name(src), parse_image_name(dst)
+    opts = CreateOptions(span_size, min_layer_size, force, optimizations)
+    source = open_source(src_name, app.client)
+    dest = open_destination(dst_name, app.client)
+    progress = ProgressLine("indexing", None, quiet)
+    try:
+        result = convert_image(source, dest, app.store, opts, platforms=_platforms(platforms),
+                               all_platforms=all_platforms, on_layer=_reporter(quiet),
+                               progress=progress.update)
+    except BaseException:
+        dest.abort()
+        raise
+    finally:
+        progress.done()
+        source.close()
+    for c in result.created:
+        click.echo(f"{c.desc.digest}  SOCI v2 index for {c.image.platform}")
+    click.echo(f"{result.top.digest}  {dst_name}")

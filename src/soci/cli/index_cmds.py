@@ -1,0 +1,95 @@
+"""``soci index`` (list, info, rm) and ``soci rebuild-db``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from soci.artifacts.rebuild import rebuild_db as rebuild
+from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.output import emit_json, table
+from soci.errors import NotFoundError
+from soci.image.names import parse_image_name
+from soci.oci.descriptor import Platform, check_digest
+
+
+@click.group()
+def index() -> None:
+    """List, inspect and remove SOCI indexes in the local store."""
+
+
+@index.command("list")
+@click.option("--ref", help="Only indexes created for this image reference.")
+@click.option("--platform", help="Only indexes for this platform (os/arch[/variant]).")
+@click.option("-q", "--quiet", is_flag=True, help="Print digests only.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+@one_line_errors
+def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
+               as_json: bool) -> None:
+    """List the SOCI indexes in the local store."""
+    manifests = None
+    if ref is not None:
+        manifests = app.store.db.manifests_for_ref(str(parse_image_name(ref)))
+    records = app.store.db.indexes(manifest_digests=manifests)
+    if platform is not None:
+        want = Platform.parse(platform)
+        records = [r for r in records if r.platform and Platform.parse(r.platform).matches(want)]
+    if quiet:
+        for r in records:
+            click.echo(r.digest)
+    elif as_json:
+        emit_json([{"digest": r.digest, "size": r.size, "manifest_digest": r.manifest_digest,
+                    "image_digest": r.image_digest, "platform": r.platform,
+                    "media_type": r.media_type, "artifact_type": r.artifact_type,
+                    "created_at": r.created_at} for r in records])
+    else:
+        table(["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED"],
+              [(r.digest, r.size, r.manifest_digest, r.platform, r.artifact_type, r.created_at)
+               for r in records])
+
+
+index.add_command(index_list, "ls")
+
+
+@index.command("info")
+@click.argument("digest")
+@pass_app
+@one_line_errors
+def index_info(app: App, digest: str) -> None:
+    """Print a SOCI index manifest."""
+    check_digest(digest)
+    if app.store.db.ztoc(digest) is not None:
+        raise NotFoundError(f"{digest} is a zTOC: use soci ztoc info")
+    click.echo(json.dumps(json.loads(app.store.content.read_blob(digest)), indent=2))
+
+
+@index.command("rm")
+@click.argument("digests", nargs=-1, required=True)
+@pass_app
+@one_line_errors
+def index_rm(app: App, digests: tuple[str, ...]) -> None:
+    """Remove SOCI indexes (and the zTOCs no remaining index uses)."""
+    store = app.store
+    for digest in digests:
+        check_digest(digest)
+        if store.db.index(digest) is None and not store.content.has_blob(digest):
+            raise NotFoundError(f"no SOCI index {digest} in {store.root}")
+        orphans = store.db.remove_index(digest)
+        for manifest_digest, index_digest in store.mappings.items():
+            if index_digest == digest:
+                store.mappings.remove(manifest_digest)
+        store.content.delete_blob(digest)
+        for z in orphans:
+            store.content.delete_blob(z)
+        click.echo(f"removed {digest}" + (f" and {len(orphans)} zTOCs" if orphans else ""))
+
+
+@click.command("rebuild-db")
+@pass_app
+@one_line_errors
+def rebuild_db(app: App) -> None:
+    """Rebuild the artifacts database from the content store and the mapping files."""
+    indexes, ztocs = rebuild(app.store)
+    click.echo(f"found {indexes} SOCI indexes and {ztocs} zTOCs in {app.store.root}")

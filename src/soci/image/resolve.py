@@ -1,0 +1,84 @@
+"""From an image name to the platform-specific manifests to work on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from soci.errors import NotFoundError, SociError
+from soci.image.sources import ImageSource
+from soci.oci import mediatypes as mt
+from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
+
+
+@dataclass(slots=True)
+class PlatformImage:
+    """One platform's manifest of an image, with where it was found."""
+
+    top: Descriptor          # what the name points at: this manifest, or the index holding it
+    desc: Descriptor         # the manifest itself
+    manifest: Manifest
+    data: bytes
+    platform: Platform
+
+
+@dataclass(slots=True)
+class ResolvedImage:
+    top: Descriptor
+    top_data: bytes
+    index: Index | None
+    images: list[PlatformImage]
+
+
+def _config_platform(source: ImageSource, manifest: Manifest) -> Platform:
+    """A single-manifest image's platform, read from its config (os/architecture/variant)."""
+    with source.open_blob(manifest.config) as f:
+        data = b"".join(iter(lambda: f.read(1 << 20), b""))
+    try:
+        config = json.loads(data)
+        return Platform(str(config["os"]), str(config["architecture"]),
+                        str(config.get("variant") or ""), str(config.get("os.version") or ""))
+    except (ValueError, KeyError, TypeError):
+        raise SociError(f"image config {manifest.config.digest} has no os/architecture") from None
+
+
+def _is_image_entry(desc: Descriptor) -> bool:
+    if desc.media_type not in mt.MANIFESTS or desc.artifact_type:
+        return False
+    p = desc.platform
+    return p is None or (p.os, p.architecture) != ("unknown", "unknown")  # attestations
+
+
+def resolve_image(source: ImageSource, platforms: list[Platform] | None = None,
+                  all_platforms: bool = False) -> ResolvedImage:
+    """Select manifests like upstream: the host platform by default, or those asked for.
+
+    A single-manifest image is taken whatever the platform; an index must hold
+    a manifest for every requested platform.
+    """
+    top, data = source.top()
+    if top.media_type in mt.MANIFESTS:
+        manifest = Manifest.parse(data, top.media_type)
+        platform = _config_platform(source, manifest)
+        return ResolvedImage(top, data, None,
+                             [PlatformImage(top, top, manifest, data, platform)])
+    if top.media_type not in mt.INDEXES:
+        raise SociError(f"{source.name}: unsupported media type {top.media_type!r}")
+    index = Index.parse(data, top.media_type)
+    entries = [m for m in index.manifests if _is_image_entry(m)]
+    chosen: list[Descriptor] = []
+    if all_platforms:
+        chosen = entries
+    else:
+        for want in platforms or [Platform.host()]:
+            match = next((m for m in entries if m.platform and m.platform.matches(want)), None)
+            if match is None:
+                raise NotFoundError(f"{source.name}: no manifest for platform {want}")
+            if match not in chosen:
+                chosen.append(match)
+    images = []
+    for desc in chosen:
+        child = source.manifest(desc)
+        images.append(PlatformImage(top, desc, Manifest.parse(child, desc.media_type), child,
+                                    desc.platform or Platform("", "")))
+    return ResolvedImage(top, data, index, images)

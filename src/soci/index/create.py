@@ -1,0 +1,190 @@
+"""``soci create``: zTOCs for an image's layers, built while each layer streams, and the index.
+
+Each layer is read once, straight from its source (registry response body,
+layout file or archive member): the zTOC builder consumes the stream, and the
+stream's own digest check runs at its end, so nothing is staged on disk and a
+corrupt layer never yields a zTOC.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import closing
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from soci import BUILD_TOOL_IDENTIFIER
+from soci.artifacts import IndexRecord, LocalStore, ZtocRecord
+from soci.artifacts.db import now
+from soci.errors import DigestMismatchError, SociError
+from soci.image.resolve import PlatformImage
+from soci.image.sources import ImageSource
+from soci.index.model import SociIndex
+from soci.oci import mediatypes as mt
+from soci.oci.descriptor import Descriptor
+from soci.ztoc import DEFAULT_SPAN_SIZE, Ztoc, build_ztoc, decode, encode
+
+DEFAULT_MIN_LAYER_SIZE = 10 << 20
+OPTIMIZATIONS = ("xattr",)
+_OPAQUE = ".wh..wh..opq"
+
+
+class EmptyIndexError(SociError):
+    """Every layer was skipped, so there is no index to make."""
+
+
+@dataclass(slots=True)
+class CreateOptions:
+    span_size: int = DEFAULT_SPAN_SIZE
+    min_layer_size: int = DEFAULT_MIN_LAYER_SIZE
+    force: bool = False
+    optimizations: tuple[str, ...] = ()
+    build_tool: str = BUILD_TOOL_IDENTIFIER
+    parallel: int = 2
+
+
+@dataclass(slots=True)
+class LayerOutcome:
+    layer: Descriptor
+    status: str                      # "built", "exists" or "skipped"
+    ztoc: Descriptor | None = None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class CreatedIndex:
+    image: PlatformImage
+    index: SociIndex
+    desc: Descriptor
+    layers: list[LayerOutcome] = field(default_factory=list)
+
+
+class Progress:
+    """Counts compressed bytes consumed across layers built in parallel."""
+
+    def __init__(self, callback: Callable[[int], None] | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._done = 0
+
+    def layer(self) -> Callable[[int], None] | None:
+        if self._callback is None:
+            return None
+        last = 0
+
+        def update(consumed: int) -> None:
+            nonlocal last
+            with self._lock:
+                self._done += consumed - last
+                last = consumed
+                assert self._callback is not None
+                self._callback(self._done)
+
+        return update
+
+
+def _skip_reason(layer: Descriptor, opts: CreateOptions) -> str | None:
+    if layer.media_type == mt.SOCI_PREFETCH:
+        return "is a prefetch artifact"
+    if not mt.is_layer(layer.media_type):
+        return f"is not a layer ({layer.media_type})"
+    if layer.size < opts.min_layer_size:
+        return f"size {layer.size} is less than min-layer-size {opts.min_layer_size}"
+    if layer.media_type in mt.ZSTD_LAYERS:
+        return "is compressed in an unsupported format (zstd); expected tar or gzip"
+    if layer.media_type not in mt.GZIP_LAYERS | mt.TAR_LAYERS:
+        return f"has an unsupported media type {layer.media_type}"
+    return None
+
+
+def _disable_xattrs(ztoc: Ztoc) -> bool:
+    """Upstream's xattr optimisation: no xattrs and no opaque directories in the layer."""
+    return not any(e.xattrs or e.name.endswith(_OPAQUE) for e in ztoc.entries)
+
+
+def _ztoc_descriptor(layer: Descriptor, digest: str, size: int,
+                     ztoc: Callable[[], Ztoc], opts: CreateOptions) -> Descriptor:
+    annotations = {
+        mt.ANN_LAYER_MEDIA_TYPE: layer.media_type,
+        mt.ANN_LAYER_DIGEST: layer.digest,
+        mt.ANN_SPAN_SIZE: str(opts.span_size),
+    }
+    if "xattr" in opts.optimizations and _disable_xattrs(ztoc()):
+        annotations[mt.ANN_DISABLE_XATTRS] = "true"
+    return Descriptor(mt.SOCI_ZTOC, digest, size, annotations)
+
+
+def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts: CreateOptions,
+                progress: Callable[[int], None] | None = None) -> LayerOutcome:
+    reason = _skip_reason(layer, opts)
+    if reason is not None:
+        return LayerOutcome(layer, "skipped", reason=reason)
+    existing = None if opts.force else store.db.ztoc_for_layer(layer.digest, opts.span_size)
+    if existing is not None and store.content.has_blob(existing.digest):
+        def stored() -> Ztoc:
+            return decode(store.content.read_blob(existing.digest))
+
+        desc = _ztoc_descriptor(layer, existing.digest, existing.size, stored, opts)
+        return LayerOutcome(layer, "exists", desc)
+
+    stream: BinaryIO
+    with closing(source.open_blob(layer)) as stream:
+        result = build_ztoc(stream, span_size=opts.span_size, build_tool=opts.build_tool,
+                            progress=progress)
+    if result.layer_digest != layer.digest or result.layer_size != layer.size:
+        raise DigestMismatchError(
+            f"layer {layer.digest}: got {result.layer_size} bytes hashing to {result.layer_digest}"
+        )
+    data = encode(result.ztoc)
+    digest = store.content.write_blob(data)
+    store.db.put_ztoc(ZtocRecord(digest, len(data), layer.digest, layer.media_type,
+                                 opts.span_size, now()))
+    desc = _ztoc_descriptor(layer, digest, len(data), lambda: result.ztoc, opts)
+    return LayerOutcome(layer, "built", desc)
+
+
+def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
+                 opts: CreateOptions, *, version: int = 1, refs: list[str] | None = None,
+                 on_layer: Callable[[LayerOutcome], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> CreatedIndex:
+    """Build (or reuse) every layer's zTOC, then write the SOCI index and its mapping."""
+    counter = Progress(progress)
+
+    def one(layer: Descriptor) -> LayerOutcome:
+        outcome = build_layer(source, layer, store, opts, counter.layer())
+        if on_layer is not None:
+            on_layer(outcome)
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
+        outcomes = list(pool.map(one, image.manifest.layers))
+    blobs = [o.ztoc for o in outcomes if o.ztoc is not None]
+    if not blobs:
+        raise EmptyIndexError(
+            f"no zTOCs created for {image.platform}: every layer was skipped "
+            f"(smaller than --min-layer-size {opts.min_layer_size}, or not gzip/tar)"
+        )
+    subject = None
+    if version == 1:
+        subject = Descriptor(image.desc.media_type, image.desc.digest, image.desc.size)
+    index = SociIndex(version, blobs, subject, {mt.ANN_BUILD_TOOL: opts.build_tool})
+    data = index.encode()
+    store.content.write_blob(mt.EMPTY_JSON)
+    digest = store.content.write_blob(data)
+    # The image manifest and config, so the store can be rebuilt (platform included).
+    store.content.write_blob(image.data, image.desc.digest)
+    if not store.content.has_blob(image.manifest.config.digest):
+        with closing(source.open_blob(image.manifest.config)) as config:
+            store.content.ingest(config, image.manifest.config.digest, image.manifest.config.size)
+    desc = index.descriptor(data)
+    store.db.put_index(
+        IndexRecord(digest, len(data), mt.OCI_MANIFEST, index.artifact_type, image.desc.digest,
+                    image.top.digest, str(image.platform), now()),
+        [b.digest for b in blobs],
+        refs or [],
+    )
+    if version == 1:
+        store.mappings.put(image.desc.digest, digest)
+    return CreatedIndex(image, index, desc, outcomes)

@@ -1,0 +1,1 @@
+"""The OCI data model soci needs: media types, platforms, descriptors, manifests, layouts."""

@@ -1,0 +1,674 @@
+"""Real registries for tests: CNCF distribution on loopback, a token server, a fault proxy.
+
+Everything here listens on 127.0.0.1 only and talks only to 127.0.0.1. Every wait and
+every loop has a bound, so a broken registry fails a test instead of hanging it.
+
+* :class:`Registry` runs ``docker-registry serve`` (Debian's distribution 2.8) with a
+  temporary storage root, optionally behind htpasswd Basic auth or token auth.
+* :class:`TokenServer` issues RS256 JWTs the registry trusts, checking Basic credentials.
+* :class:`FaultProxy` sits in front of a registry and fails, drops or corrupts the next
+  N matching requests, counting what it did.
+* :func:`write_oci_layout` makes a tiny reproducible OCI image layout in pure Python;
+  :func:`push_layout` copies one into a registry with skopeo.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import gzip
+import hashlib
+import http.client
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+REGISTRY_BINARY = "docker-registry"
+_START_TIMEOUT = 15.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (the registry binds it just after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None) -> None:
+    """Poll ``url`` until any HTTP answer (401 counts: the server is up) or time runs out."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log else ""
+            raise RuntimeError(f"registry exited with status {proc.returncode}: {tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {_START_TIMEOUT}s")
+
+
+# -- token server --------------------------------------------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenServer:
+    """A minimal docker token server: GET /token?service=...&scope=... with optional Basic.
+
+    Known users get every action they ask for; anonymous callers get ``pull`` only when
+    ``anonymous_pull`` is set and are refused (401) otherwise, as are wrong passwords.
+    ``requests`` counts token requests; ``expires_in`` is what tokens advertise.
+    """
+
+    service = "soci-test-registry"
+    issuer = "soci-test-issuer"
+
+    def __init__(
+        self,
+        users: dict[str, str],
+        *,
+        anonymous_pull: bool = False,
+        expires_in: int = 300,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.users = dict(users)
+        self.anonymous_pull = anonymous_pull
+        self.expires_in = expires_in
+        self.requests = 0
+        self.scopes: list[str] = []
+        self._lock = threading.Lock()
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "soci test token signer")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self._key, hashes.SHA256())
+        )
+        self._cert_der = cert.public_bytes(serialization.Encoding.DER)
+        self._tmp = tempfile.TemporaryDirectory(prefix="soci-token-", dir=workdir)
+        self.cert_path = Path(self._tmp.name) / "signer.pem"
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def realm(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/token"
+
+    def issue(self, subject: str, access: list[dict[str, Any]]) -> str:
+        """A signed JWT granting ``access`` (the registry checks x5c against its bundle)."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self._cert_der).decode()]}
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + self.expires_in,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return signing_input + "." + _b64url(signature)
+
+    def _answer(self, handler: http.server.BaseHTTPRequestHandler) -> tuple[int, dict[str, Any]]:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+        with self._lock:
+            self.requests += 1
+            self.scopes.extend(query.get("scope", []))
+        user = None
+        header = handler.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            try:
+                name, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            except ValueError:
+                return 400, {"details": "bad Authorization header"}
+            if self.users.get(name) != password:
+                return 401, {"details": "invalid username or password"}
+            user = name
+        elif not self.anonymous_pull:
+            return 401, {"details": "authentication required"}
+        access = []
+        for scope in query.get("scope", []):
+            kind, _, rest = scope.partition(":")
+            repo, _, actions = rest.rpartition(":")
+            wanted = actions.split(",")
+            granted = wanted if user else [a for a in wanted if a == "pull"]
+            access.append({"type": kind, "name": repo, "actions": granted})
+        token = self.issue(user or "anonymous", access)
+        return 200, {"token": token, "expires_in": self.expires_in, "issued_at": "now"}
+
+    def __enter__(self) -> TokenServer:
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = owner._answer(self)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._tmp.cleanup()
+
+
+# -- the registry --------------------------------------------------------------------
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """``user:$2b$...`` with a cheap bcrypt cost (the registry only accepts bcrypt)."""
+    import bcrypt
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return f"{user}:{hashed}"
+
+
+class Registry:
+    """``docker-registry serve`` on a free loopback port with its own storage root.
+
+    ``htpasswd`` (user -> password) turns on Basic auth; ``token`` (a running
+    :class:`TokenServer`) turns on token auth. Stopped (and its storage removed) on exit.
+    """
+
+    def __init__(
+        self,
+        *,
+        htpasswd: dict[str, str] | None = None,
+        token: TokenServer | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if shutil.which(REGISTRY_BINARY) is None:
+            raise RuntimeError(f"{REGISTRY_BINARY} not found (Debian package docker-registry)")
+        self._htpasswd = htpasswd
+        self._token = token
+        self._tmp = tempfile.TemporaryDirectory(prefix="soci-registry-", dir=workdir)
+        self.dir = Path(self._tmp.name)
+        self.root = self.dir / "storage"
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def _config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "version": "0.1",
+            "log": {"level": "error", "accesslog": {"disabled": True}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.root)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {"addr": self.host, "secret": "soci-test-secret"},
+        }
+        if self._htpasswd is not None:
+            path = self.dir / "htpasswd"
+            lines = [htpasswd_line(u, p) for u, p in self._htpasswd.items()]
+            path.write_text("\n".join(lines) + "\n")
+            config["auth"] = {"htpasswd": {"realm": "soci-test", "path": str(path)}}
+        elif self._token is not None:
+            config["auth"] = {
+                "token": {
+                    "realm": self._token.realm,
+                    "service": self._token.service,
+                    "issuer": self._token.issuer,
+                    "rootcertbundle": str(self._token.cert_path),
+                }
+            }
+        return config
+
+    def __enter__(self) -> Registry:
+        last_error: Exception | None = None
+        for _ in range(3):  # a port taken between choosing and binding: try another
+            self.port = free_port()
+            config_path = self.dir / "config.yml"
+            # JSON is YAML: no YAML library needed.
+            config_path.write_text(json.dumps(self._config(), indent=1))
+            log = self.dir / "registry.log"
+            with open(log, "wb") as out:
+                self._proc = subprocess.Popen(
+                    [REGISTRY_BINARY, "serve", str(config_path)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            try:
+                _wait_http(f"{self.url}/v2/", self._proc, log)
+                return self
+            except RuntimeError as e:
+                last_error = e
+                self._stop()
+        self._tmp.cleanup()
+        raise RuntimeError(f"could not start {REGISTRY_BINARY}: {last_error}")
+
+    def _stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        self._proc = None
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        self._tmp.cleanup()
+
+
+# -- fault injection -----------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    """What to do to the next ``count`` requests whose ``METHOD path`` contains ``match``."""
+
+    kind: str  # "status", "drop" or "corrupt"
+    count: int
+    match: str = ""
+    status: int = 503
+    retry_after: str | None = None
+
+
+@dataclass
+class FaultCounters:
+    requests: int = 0
+    forwarded: int = 0
+    injected: dict[str, int] = field(default_factory=dict)
+    #: ``METHOD path`` of every request, in order (the last 10,000).
+    seen: list[str] = field(default_factory=list)
+
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+     "upgrade", "proxy-authorization", "proxy-authenticate", "content-length"}
+)
+_MAX_BODY = 256 << 20
+_MAX_CHUNKS = 1 << 20
+
+
+class FaultProxy:
+    """An HTTP reverse proxy on loopback in front of ``upstream`` (``127.0.0.1:PORT``).
+
+    Forwards requests unchanged (keeping the Host header, so the registry's absolute
+    Location URLs point back at the proxy) unless a queued :class:`Fault` matches:
+
+    * ``fail(n, status, retry_after)``: answer with that status without forwarding;
+    * ``drop(n)``: forward, send the headers and half the body, then cut the connection;
+    * ``corrupt(n)``: forward, flip one byte in the middle of the body.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.rpartition(":")
+        if host != LOOPBACK:
+            raise ValueError("FaultProxy only forwards to 127.0.0.1")
+        self._upstream_port = int(port)
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self.counters = FaultCounters()
+        self._server: http.server.ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    # -- the test-facing API -------------------------------------------------------------
+
+    def fail(self, count: int, status: int = 503, *, retry_after: str | None = None,
+             match: str = "") -> None:
+        self._add(Fault("status", count, match, status, retry_after))
+
+    def drop(self, count: int, *, match: str = "") -> None:
+        self._add(Fault("drop", count, match))
+
+    def corrupt(self, count: int, *, match: str = "") -> None:
+        self._add(Fault("corrupt", count, match))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def injected(self, kind: str) -> int:
+        with self._lock:
+            return self.counters.injected.get(kind, 0)
+
+    def _add(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def _take(self, request_line: str, kinds: tuple[str, ...]) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.count > 0 and fault.kind in kinds and fault.match in request_line:
+                    fault.count -= 1
+                    self.counters.injected[fault.kind] = (
+                        self.counters.injected.get(fault.kind, 0) + 1
+                    )
+                    return fault
+        return None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        request_line = f"{handler.command} {handler.path}"
+        with self._lock:
+            self.counters.requests += 1
+            self.counters.seen.append(request_line)
+            del self.counters.seen[:-10_000]
+        body = _read_request_body(handler)
+        fault = self._take(request_line, ("status",))
+        if fault is not None:
+            payload = json.dumps(
+                {"errors": [{"code": "UNAVAILABLE", "message": "injected fault"}]}
+            ).encode()
+            handler.send_response(fault.status)
+            if fault.retry_after is not None:
+                handler.send_header("Retry-After", fault.retry_after)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            if handler.command != "HEAD":
+                handler.wfile.write(payload)
+            return
+        upstream = http.client.HTTPConnection(LOOPBACK, self._upstream_port, timeout=30)
+        try:
+            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if body is not None:
+                headers["Content-Length"] = str(len(body))
+            upstream.request(handler.command, handler.path, body=body, headers=headers)
+            resp = upstream.getresponse()
+            data = resp.read() if handler.command != "HEAD" else b""
+            length = resp.getheader("Content-Length") if handler.command == "HEAD" else None
+            with self._lock:
+                self.counters.forwarded += 1
+        finally:
+            upstream.close()
+        damage = self._take(request_line, ("drop", "corrupt")) if data else None
+        if damage is not None and damage.kind == "corrupt":
+            middle = len(data) // 2
+            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+        handler.send_response(resp.status, resp.reason)
+        for key, value in resp.getheaders():
+            if key.lower() not in _HOP_BY_HOP:
+                handler.send_header(key, value)
+        handler.send_header("Content-Length", length or str(len(data)))
+        handler.end_headers()
+        if damage is not None and damage.kind == "drop":
+            handler.wfile.write(data[: len(data) // 2])
+            handler.wfile.flush()
+            handler.close_connection = True
+            with contextlib.suppress(OSError):
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        handler.wfile.write(data)
+
+    def __enter__(self) -> FaultProxy:
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                owner._handle(self)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _read_request_body(handler: http.server.BaseHTTPRequestHandler) -> bytes | None:
+    """The request body by Content-Length or chunked encoding (bounded), or ``None``."""
+    length = handler.headers.get("Content-Length")
+    if length is not None:
+        size = int(length)
+        if size > _MAX_BODY:
+            raise ValueError("request body too large for the fault proxy")
+        return handler.rfile.read(size)
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        out = io.BytesIO()
+        for _ in range(_MAX_CHUNKS):
+            size = int(handler.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                handler.rfile.readline(1024)
+                break
+            out.write(handler.rfile.read(size))
+            handler.rfile.readline(1024)
+            if out.tell() > _MAX_BODY:
+                raise ValueError("request body too large for the fault proxy")
+        return out.getvalue()
+    return None
+
+
+# -- images --------------------------------------------------------------------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@dataclass
+class Layout:
+    """What :func:`write_oci_layout` wrote: enough for tests to check what they pull."""
+
+    path: Path
+    tag: str
+    manifest: bytes
+    manifest_digest: str
+    config: bytes
+    config_digest: str
+    layers: list[tuple[str, bytes]]  # (digest, gzip bytes)
+
+    def blob(self, digest: str) -> bytes:
+        return (self.path / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _layer_tar(files: dict[str, bytes]) -> bytes:
+    """A reproducible tar: fixed owners, modes and times, entries in name order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size = len(files[name])
+            info.mode = 0o644
+            info.mtime = 1_700_000_000
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            tf.addfile(info, io.BytesIO(files[name]))
+    return buf.getvalue()
+
+
+def _gzip(data: bytes) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+        gz.write(data)
+    return buf.getvalue()
+
+
+def write_oci_layout(
+    path: str | os.PathLike[str],
+    *,
+    tag: str = "latest",
+    layers: list[dict[str, bytes]] | None = None,
+) -> Layout:
+    """An OCI image layout at ``path`` holding one image: ``layers`` (file maps; default two
+    small layers) as gzip tar layers, an OCI config and manifest, tagged ``tag``."""
+    root = Path(path)
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+
+    def put(data: bytes) -> str:
+        digest = _sha256(data)
+        (blobs / digest.split(":", 1)[1]).write_bytes(data)
+        return digest
+
+    if layers is None:
+        layers = [
+            {"etc/hello.txt": b"hello from soci\n", "bin/tool": bytes(range(256)) * 64},
+            {"var/data/readme": b"second layer\n" * 100},
+        ]
+    layer_descs, diff_ids, written = [], [], []
+    for files in layers:
+        tar = _layer_tar(files)
+        blob = _gzip(tar)
+        digest = put(blob)
+        written.append((digest, blob))
+        diff_ids.append(_sha256(tar))
+        layer_descs.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": len(blob)})
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        },
+        separators=(",", ":"),
+    ).encode()
+    config_digest = put(config)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": layer_descs,
+        },
+        separators=(",", ":"),
+    ).encode()
+    manifest_digest = put(manifest)
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": manifest_digest,
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    return Layout(root, tag, manifest, manifest_digest, config, config_digest, written)
+
+
+def push_layout(
+    layout_dir: str | os.PathLike[str],
+    registry_host: str,
+    name_tag: str,
+    *,
+    tag: str = "latest",
+    format: str | None = None,
+    creds: tuple[str, str] | None = None,
+) -> None:
+    """``skopeo copy oci:DIR:TAG docker://HOST/NAME:TAG`` over plain HTTP.
+
+    ``format="v2s2"`` converts to a Docker schema 2 manifest on the way.
+    """
+    if not registry_host.startswith(LOOPBACK + ":"):
+        raise ValueError("push_layout only pushes to 127.0.0.1")
+    command = [
+        "skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+    ]
+    if format is not None:
+        command += ["--format", format]
+    if creds is not None:
+        command += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
+    command += [f"oci:{layout_dir}:{tag}", f"docker://{registry_host}/{name_tag}"]
+    proc = subprocess.run(command, capture_output=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"skopeo copy failed: {proc.stderr.decode(errors='replace')[-2000:]}")
+
+
+@contextlib.contextmanager
+def started(*managers: Any) -> Iterator[tuple[Any, ...]]:
+    """Enter several of the context managers above in order; exit them in reverse."""
+    with contextlib.ExitStack() as stack:
+        yield tuple(stack.enter_context(m) for m in managers)
