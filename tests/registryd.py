@@ -179,7 +179,8 @@ class TokenServer:
             granted = wanted if user else [a for a in wanted if a == "pull"]
             access.append({"type": kind, "name": repo, "actions": granted})
         token = self.issue(user or "anonymous", access)
-        return 200, {"token": token, "expires_in": self.expires_in, "issued_at": "now"}
+        issued = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return 200, {"token": token, "expires_in": self.expires_in, "issued_at": issued}
 
     def __enter__(self) -> TokenServer:
         owner = self

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from images import big_file, files_layer, write_image, write_multiarch
 
 BIG = {f"usr/lib/big{i}.bin": big_file(f"b{i}", 3_000_000) for i in range(5)}
@@ -37,7 +38,7 @@ def blob(root: Path, digest: str) -> bytes:
     return (root / "content" / "blobs" / "sha256" / digest[7:]).read_bytes()
 
 
-def test_create_writes_index_ztocs_mapping_and_db(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_create_writes_index_ztocs_mapping_and_db(tmp_path: Path, image) -> None:
     layout, manifest_digest = image
     root = tmp_path / "root"
     out = soci(root, "create", f"oci:{layout}:v1").stdout
@@ -87,7 +88,7 @@ def test_create_writes_index_ztocs_mapping_and_db(tmp_path: Path, image) -> None
     assert json.loads(soci(root, "index", "info", index_digest).stdout) == doc
 
 
-def test_existing_ztocs_are_reused_unless_forced(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_existing_ztocs_are_reused_unless_forced(tmp_path: Path, image) -> None:
     layout, _ = image
     root = tmp_path / "root"
     first = soci(root, "create", f"oci:{layout}:v1").stdout
@@ -108,7 +109,7 @@ def test_existing_ztocs_are_reused_unless_forced(tmp_path: Path, image) -> None:
                for z in index["layers"])
 
 
-def test_index_rm_and_rebuild_db(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_index_rm_and_rebuild_db(tmp_path: Path, image) -> None:
     layout, manifest_digest = image
     root = tmp_path / "root"
     soci(root, "create", f"oci:{layout}:v1")
@@ -136,7 +137,7 @@ def test_index_rm_and_rebuild_db(tmp_path: Path, image) -> None:  # noqa: ANN001
     assert proc.returncode == 1 and "no SOCI index" in proc.stderr
 
 
-def test_executor_dropped_artifacts_are_found_by_rebuild(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_executor_dropped_artifacts_are_found_by_rebuild(tmp_path: Path, image) -> None:
     """An executor copies content/ and indexes/ into a fresh root by hand."""
     layout, manifest_digest = image
     built = tmp_path / "built"
@@ -155,7 +156,8 @@ def test_platforms(tmp_path: Path) -> None:
     layout = tmp_path / "multi"
     layer = files_layer(BIG)
     write_multiarch(layout, "m", {"linux/amd64": [layer], "linux/arm64/v8": [layer],
-                                  "linux/arm/v7": [files_layer({"x/y": big_file("arm", 16 << 20)})]})
+                                  "linux/arm/v7": [files_layer({"x/y": big_file("arm", 16 << 20)})],
+                                  })
     root = tmp_path / "root"
     out = soci(root, "create", "--platform", "linux/arm64", f"oci:{layout}:m").stdout
     assert "(linux/arm64/v8)" in out
@@ -165,7 +167,7 @@ def test_platforms(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "no manifest for platform linux/s390x" in proc.stderr
 
 
-def test_convert_layout_to_layout_and_archive(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_convert_layout_to_layout_and_archive(tmp_path: Path, image) -> None:
     layout, manifest_digest = image
     root = tmp_path / "root"
     dst = tmp_path / "converted"
@@ -209,7 +211,7 @@ def test_convert_layout_to_layout_and_archive(tmp_path: Path, image) -> None:  #
     assert "SOCI index for " + image_entry["digest"] in again
 
 
-def test_bad_input(tmp_path: Path, image) -> None:  # noqa: ANN001
+def test_bad_input(tmp_path: Path, image) -> None:
     layout, manifest_digest = image
     root = tmp_path / "root"
     for args, message in [

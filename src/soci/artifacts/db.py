@@ -133,7 +133,7 @@ class ArtifactsDb:
     def clear(self) -> None:
         with self.transaction() as c:
             for table in ("indexes", "ztocs", "index_ztocs", "image_refs"):
-                c.execute(f"DELETE FROM {table}")  # noqa: S608 (fixed names)
+                c.execute(f"DELETE FROM {table}")
 
     # -- reading -----------------------------------------------------------------
 

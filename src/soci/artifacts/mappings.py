@@ -7,6 +7,7 @@ cannot write to registries drop these files (with the artifacts in
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,10 +40,8 @@ class IndexMappings:
             f.write(index_digest.encode())
 
     def remove(self, manifest_digest: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._path(manifest_digest).unlink()
-        except FileNotFoundError:
-            pass
 
     def items(self) -> list[tuple[str, str]]:
         """All (manifest digest, index digest) pairs that parse."""

@@ -29,7 +29,7 @@ def _platforms(values: tuple[str, ...]) -> list[Platform] | None:
     return [Platform.parse(v) for v in values] or None
 
 
-def build_options(f):  # noqa: ANN001, ANN201 - a click decorator
+def build_options(f):
     for option in reversed([
         click.option("--span-size", type=click.IntRange(min=1), default=DEFAULT_SPAN_SIZE,
                      show_default=True, help="Uncompressed bytes between checkpoints."),
@@ -49,7 +49,7 @@ def build_options(f):  # noqa: ANN001, ANN201 - a click decorator
     return f
 
 
-def _reporter(quiet: bool):  # noqa: ANN202
+def _reporter(quiet: bool):
     def on_layer(o: LayerOutcome) -> None:
         if quiet:
             return
@@ -119,7 +119,6 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
         raise SociError("soci push needs a registry reference")
     source = open_source(name, app.client)
     resolved = resolve_image(source, _platforms(platforms), all_platforms)
-    pushed = 0
     for image in resolved.images:
         index_digest = app.store.mappings.get(image.desc.digest)
         if index_digest is None or not app.store.content.has_blob(index_digest):
@@ -129,7 +128,6 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
                           max_concurrent_uploads=max_concurrent_uploads,
                           report=None if quiet else click.echo)
         click.echo(f"{desc.digest}  pushed for {image.desc.digest} ({image.platform})")
-        pushed += 1
 
 
 @click.command()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from soci.artifacts import LocalStore
 from soci.errors import NotFoundError
 from soci.image.destinations import ImageDestination
-from soci.image.resolve import PlatformImage, resolve_image
+from soci.image.resolve import resolve_image
 from soci.image.sources import ImageSource
 from soci.index.create import (
     CreatedIndex,
@@ -117,6 +117,7 @@ def _copy_soci_index(store: LocalStore, dest: ImageDestination, created: Created
     for blob in [config, *created.index.blobs]:
         if not store.content.has_blob(blob.digest):
             raise NotFoundError(f"{blob.digest} is missing from the local content store")
-        dest.put_blob(blob, lambda blob=blob: store.content.open_blob(blob.digest, blob.size))
+        # Verified when stored; a seekable file lets an upload be retried from the start.
+        dest.put_blob(blob, lambda blob=blob: open(store.content.blob_path(blob.digest), "rb"))
     data = store.content.read_blob(created.desc.digest)
     dest.put_manifest(created.desc, data)

@@ -9,9 +9,9 @@ corrupt layer never yields a zTOC.
 from __future__ import annotations
 
 import threading
-from contextlib import closing
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import BinaryIO
 

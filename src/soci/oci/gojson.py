@@ -25,4 +25,5 @@ def sorted_map(mapping: dict[str, str] | None) -> dict[str, str] | None:
     """A Go map[string]string as Go serializes it: keys in byte order; None when empty."""
     if not mapping:
         return None
-    return {k: mapping[k] for k in sorted(mapping, key=lambda k: k.encode("utf-8", "surrogatepass"))}
+    keys = sorted(mapping, key=lambda k: k.encode("utf-8", "surrogatepass"))
+    return {k: mapping[k] for k in keys}

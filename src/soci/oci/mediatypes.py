@@ -1,4 +1,4 @@
-"""Media types, artifact types and annotations, spelled exactly as OCI, Docker and upstream SOCI do."""
+"""Media types, artifact types and annotations, spelled as OCI, Docker and upstream SOCI do."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -25,7 +25,9 @@ ACCEPT = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFE
 GZIP_LAYERS = frozenset({OCI_LAYER_GZIP, OCI_LAYER_NONDIST_GZIP, DOCKER_LAYER_GZIP,
                          DOCKER_FOREIGN_LAYER_GZIP})
 TAR_LAYERS = frozenset({OCI_LAYER, OCI_LAYER_NONDIST, DOCKER_LAYER})
-ZSTD_LAYERS = frozenset({OCI_LAYER_ZSTD, "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"})
+ZSTD_LAYERS = frozenset(
+    {OCI_LAYER_ZSTD, "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"}
+)
 
 
 def is_layer(media_type: str) -> bool:

@@ -54,6 +54,12 @@ class VerifyingReader:
                 raise DigestMismatchError(f"{self._what}: expected {self._digest}, got {actual}")
         return b""
 
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
     def close(self) -> None:
         self._raw.close()
 
