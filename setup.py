@@ -14,8 +14,16 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 
+LOCAL_ZLIB_NG = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".build", "zlib-ng",
+                             "prefix")
+
+
 def zlib_options() -> dict:
+    """zlib-ng when SOCI_ZLIB_PREFIX names it or ci/build-zlib-ng.sh has built it, else system."""
     prefix = os.environ.get("SOCI_ZLIB_PREFIX")
+    if not prefix and os.environ.get("SOCI_ZLIB") != "system":
+        if os.path.exists(os.path.join(LOCAL_ZLIB_NG, "lib", "libz.a")):
+            prefix = LOCAL_ZLIB_NG
     if not prefix:
         return {"libraries": ["z"]}
     static = os.path.join(prefix, "lib", "libz.a")

@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import random
 import threading
 import time
@@ -402,7 +403,7 @@ class RegistryClient:
         self,
         *,
         plain_http: bool = False,
-        registries_conf: RegistriesConf | str | None = None,
+        registries_conf: RegistriesConf | str | os.PathLike[str] | None = None,
         credentials: CredentialStore | Mapping[str, CredentialInput] | None = None,
         retries: int = 5,
         backoff: float = 0.2,
@@ -468,7 +469,9 @@ class RegistryClient:
         """The registries.conf in force (read on first use when not given)."""
         with self._lock:
             if self._conf is None:
-                source = self._conf_source if isinstance(self._conf_source, str) else None
+                source = self._conf_source
+                if not isinstance(source, str | os.PathLike):
+                    source = None
                 self._conf = RegistriesConf.load(source)
             return self._conf
 
@@ -856,7 +859,7 @@ class RegistryClient:
         found: list[dict[str, Any]] = []
         try:
             for page in self._pages(target, path, "referrers", accept=OCI_INDEX):
-                found.extend(_descriptors(page, target))
+                found.extend(_descriptors(page))
         except _NoReferrersApi:
             with self._lock:
                 self._no_referrers_api.add(key)
@@ -869,7 +872,7 @@ class RegistryClient:
             manifest = self._get_manifest(_Target(tag_ref, target.endpoint), OCI_INDEX)
         except NotFoundError:
             return []
-        return _descriptors(_parse_index(manifest.data, target, "referrers tag"), target)
+        return _descriptors(_parse_index(manifest.data, target, "referrers tag"))
 
     # -- plumbing: endpoints -------------------------------------------------------------
 
@@ -967,7 +970,7 @@ class RegistryClient:
                 return min(max(float(retry_after.strip()), 0.0), _MAX_RETRY_AFTER)
             except ValueError:
                 pass  # an HTTP date: fall back to our own schedule
-        delay = min(self.backoff * (2**attempt), self.max_backoff)
+        delay: float = min(self.backoff * (2.0**attempt), self.max_backoff)
         return delay * (0.75 + random.random() / 4)
 
     def _request(
@@ -1237,6 +1240,16 @@ class RegistryClient:
             if creds is not None:
                 headers["Authorization"] = creds.basic_header()
         realm_host = urllib.parse.urlsplit(realm).netloc or realm
+        if (
+            creds is not None
+            and not realm.startswith("https://")
+            and not (self.plain_http or target.endpoint.insecure)
+        ):
+            # A secure registry pointing us at a plain-HTTP realm would leak the password.
+            raise AuthError(
+                f"{target.label}: refusing to send credentials to non-HTTPS token realm "
+                f"{realm_host}",
+            )
         with self._lock:
             self.token_requests += 1
         started = time.monotonic()
@@ -1318,7 +1331,8 @@ def _parse_index(data: bytes, target: _Target, what: str) -> dict[str, Any]:
     return index
 
 
-def _descriptors(index: Mapping[str, Any], target: _Target) -> list[dict[str, Any]]:
+def _descriptors(index: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The index's manifest descriptors (entries that are not objects are skipped)."""
     return [dict(m) for m in index.get("manifests") or [] if isinstance(m, Mapping)]
 
 

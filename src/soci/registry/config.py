@@ -159,7 +159,12 @@ class RegistriesConf:
             for host in hosts:
                 flags.setdefault(host, {})[attr] = True
         for host, values in flags.items():
-            yield RegistryEntry(prefix=host, location=host, **values)
+            yield RegistryEntry(
+                prefix=host,
+                location=host,
+                insecure=values.get("insecure", False),
+                blocked=values.get("blocked", False),
+            )
 
     @staticmethod
     def _parse_entry(table: Any, source: str) -> RegistryEntry:

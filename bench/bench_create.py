@@ -1,0 +1,136 @@
+"""``soci create`` against ``skopeo copy`` of the same image from a local registry.
+
+The image has one >= 300 MB gzip layer (bench/.data/usrlib.tar.gz, made by
+make_layer.py) plus a small one, pushed to a docker-registry on loopback.
+skopeo copy to an OCI layout is the cost of just moving the bytes; soci
+create streams each layer from the registry and builds its zTOC on the way,
+so the target is at most 1.2x skopeo's time. Each run uses a fresh
+destination / store; the median of --repeat runs is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+
+from registryd import Registry  # noqa: E402
+from throttle import ThrottledProxy  # noqa: E402
+
+
+def diff_id(path: str) -> str:
+    h = hashlib.sha256()
+    d = zlib.decompressobj(31)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(d.decompress(chunk))
+    return "sha256:" + h.hexdigest()
+
+
+def write_layout(root: str, layer_path: str) -> None:
+    import json
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(root, "blobs", "sha256", digest), "wb") as f:
+            f.write(data)
+        return "sha256:" + digest
+
+    os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
+    layer_digest = "sha256:" + hashlib.sha256(open(layer_path, "rb").read()).hexdigest()
+    shutil.copyfile(layer_path, os.path.join(root, "blobs", "sha256", layer_digest[7:]))
+    small_tar = b"\0" * 1024
+    small = gzip.compress(small_tar, mtime=0)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
+        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(small_tar).hexdigest(),
+                                       diff_id(layer_path)]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
+                   "size": len(config)},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(small),
+             "size": len(small)},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest,
+             "size": os.path.getsize(layer_path)},
+        ]}).encode()
+    digest = put(manifest)
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+            "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]},
+            f)
+    with open(os.path.join(root, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+
+
+def timed(command: list[str], repeat: int, scratch: str) -> float:
+    times = []
+    for i in range(repeat):
+        work = os.path.join(scratch, f"run{i}")
+        cmd = [c.replace("{work}", work) for c in command]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+        shutil.rmtree(work, ignore_errors=True)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--layer", default=os.path.join(HERE, ".data", "usrlib.tar.gz"))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--bandwidth", type=float, action="append", default=None,
+                        help="also run through a proxy limited to this many MB/s (repeatable)")
+    args = parser.parse_args()
+    if not os.path.exists(args.layer):
+        subprocess.run([sys.executable, os.path.join(HERE, "make_layer.py"), args.layer],
+                       check=True)
+    soci = os.path.join(os.path.dirname(sys.executable), "soci")
+    with tempfile.TemporaryDirectory(dir=os.path.join(HERE, ".data")) as scratch, Registry() as reg:
+        layout = os.path.join(scratch, "layout")
+        write_layout(layout, args.layer)
+        ref = f"{reg.host}/big:v1"
+        subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
+                        "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{ref}"],
+                       check=True)
+        size = os.path.getsize(args.layer)
+        print(f"## soci create vs skopeo copy: image with a {size / 1e6:.0f} MB gzip layer in "
+              f"a local docker-registry, median of {args.repeat}")
+        print(f"{'link':>22} {'skopeo copy':>12} {'soci create':>12} {'soci/skopeo':>12}")
+        for bandwidth in [None, *(args.bandwidth or [100.0])]:
+            if bandwidth is None:
+                row = _compare(reg.host, soci, args.repeat, scratch)
+                label = "loopback (unlimited)"
+            else:
+                with ThrottledProxy(reg.host, bandwidth * 1e6) as proxy:
+                    row = _compare(proxy.host, soci, args.repeat, scratch)
+                label = f"{bandwidth:.0f} MB/s proxy"
+            print(f"{label:>22} {row[0]:11.2f}s {row[1]:11.2f}s {row[1] / row[0]:11.2f}x")
+
+
+def _compare(host: str, soci: str, repeat: int, scratch: str) -> tuple[float, float]:
+    ref = f"{host}/big:v1"
+    t_skopeo = timed(["skopeo", "--insecure-policy", "copy", "--quiet",
+                      "--src-tls-verify=false", f"docker://{ref}", "oci:{work}:v1"],
+                     repeat, scratch)
+    t_soci = timed([soci, "--plain-http", "--root", "{work}", "create", "-q", ref],
+                   repeat, scratch)
+    return t_skopeo, t_soci
+
+
+if __name__ == "__main__":
+    main()
