@@ -49,7 +49,8 @@ def write_layout(root: str, layer_path: str) -> None:
         return "sha256:" + digest
 
     os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
-    layer_digest = "sha256:" + hashlib.sha256(open(layer_path, "rb").read()).hexdigest()
+    with open(layer_path, "rb") as f:
+        layer_digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
     shutil.copyfile(layer_path, os.path.join(root, "blobs", "sha256", layer_digest[7:]))
     small_tar = b"\0" * 1024
     small = gzip.compress(small_tar, mtime=0)

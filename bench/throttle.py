@@ -6,6 +6,7 @@ All connections share one token bucket for the registry-to-client direction
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -80,8 +81,6 @@ class ThrottledProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()

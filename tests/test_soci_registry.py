@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from images import big_file, files_layer, write_image, write_multiarch
 from registryd import FaultProxy, Registry, push_layout
-
 from soci.artifacts import LocalStore
 from soci.index.discover import discover_index
 from soci.oci import mediatypes as mt
@@ -99,7 +99,7 @@ def test_local_only_flow_needs_no_registry_writes(tmp_path: Path, app_image: str
     """An executor without push rights: artifacts and mapping only in the local store."""
     root = tmp_path / "root"
     index_digest = soci(root, "create", app_image).stdout.strip().splitlines()[-1].split()[0]
-    ref, desc, manifest = manifest_of(app_image)
+    _, desc, manifest = manifest_of(app_image)
     with LocalStore(root) as store:
         got = discover_index(store, None, None, desc, manifest)
         assert got is not None and got.where == "local mapping" and got.digest == index_digest

@@ -118,6 +118,6 @@ def _copy_soci_index(store: LocalStore, dest: ImageDestination, created: Created
         if not store.content.has_blob(blob.digest):
             raise NotFoundError(f"{blob.digest} is missing from the local content store")
         # Verified when stored; a seekable file lets an upload be retried from the start.
-        dest.put_blob(blob, lambda blob=blob: open(store.content.blob_path(blob.digest), "rb"))
+        dest.put_blob(blob, lambda blob=blob: store.content.blob_path(blob.digest).open("rb"))
     data = store.content.read_blob(created.desc.digest)
     dest.put_manifest(created.desc, data)
