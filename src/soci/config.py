@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass
+from typing import Any
 
 from soci.artifacts import DEFAULT_ROOT
 from soci.errors import SociError
@@ -26,19 +27,24 @@ class Config:
     plain_http: bool = False
 
 
-def load_config(path: str | None = None) -> Config:
+def read_config_file(path: str | None = None) -> dict[str, Any]:
+    """The TOML document (empty when no file is named and the default is absent)."""
     path = path or os.environ.get("SOCI_CONFIG")
     if path is None:
         if not os.path.exists(DEFAULT_CONFIG):
-            return Config()
+            return {}
         path = DEFAULT_CONFIG
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise SociError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise SociError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | None = None) -> Config:
+    doc = read_config_file(path)
     config = Config()
     root = doc.get("root", config.root)
     plain_http = doc.get("plain_http", config.plain_http)

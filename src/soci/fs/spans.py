@@ -1,0 +1,207 @@
+"""Serving a layer's uncompressed bytes span by span, fetching only what is missing.
+
+A read maps to spans; each span comes from memory, else from the disk cache,
+else from the registry: the missing spans of a read are fetched with one
+ranged request, each verified against its span digest (a failure is fetched
+once more, then the read fails: never a wrong byte), kept on disk, and
+inflated from its checkpoint in the native core. Concurrent readers of a span
+that is being fetched wait for that one fetch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from soci._native.zran import inflate_range
+from soci.errors import DigestMismatchError, LayerFormatError
+from soci.fs.cache import DiskCache, MemoryCache
+from soci.ztoc import GzipZinfo, TarZinfo, Ztoc, zinfo_of
+
+log = logging.getLogger("soci.spans")
+
+#: Fetches compressed bytes [start, end) of the layer blob.
+RangeFetcher = Callable[[int, int], bytes]
+
+
+class SpanManager:
+    def __init__(self, key: str, ztoc: Ztoc, fetch: RangeFetcher, memory: MemoryCache,
+                 disk: DiskCache | None) -> None:
+        self.key = key
+        self.ztoc = ztoc
+        self.zinfo: GzipZinfo | TarZinfo = zinfo_of(ztoc)
+        self.fetch = fetch
+        self.memory = memory
+        self.disk = disk
+        self.spans = ztoc.span_count
+        self._lock = threading.Lock()
+        self._inflight: dict[int, threading.Event] = {}
+        self._have: set[int] = set()  # spans known to be on disk (or fetched)
+        self.bytes_fetched = 0
+        self.fetches = 0
+        self.verify_failures = 0
+        self.last_access = time.monotonic()
+
+    # -- geometry ----------------------------------------------------------------------
+
+    def _uncompressed_range(self, span: int) -> tuple[int, int]:
+        start = self.zinfo.uncompressed_start(span)
+        end = (self.zinfo.uncompressed_start(span + 1) if span < self.zinfo.max_span_id
+               else self.ztoc.uncompressed_size)
+        return start, max(start, min(end, self.ztoc.uncompressed_size))
+
+    # -- reads -------------------------------------------------------------------------
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Uncompressed bytes [offset, offset+size) of the tar stream (short at its end)."""
+        self.last_access = time.monotonic()
+        end = min(offset + size, self.ztoc.uncompressed_size)
+        if end <= offset:
+            return b""
+        first, last = self.zinfo.span_of(offset), self.zinfo.span_of(end - 1)
+        pieces = []
+        for span in range(first, last + 1):
+            data = self.memory.get((self.key, span))
+            if data is None:
+                self._ensure(span, last)
+                data = self.span(span)
+            lo, _ = self._uncompressed_range(span)
+            pieces.append(data[max(offset - lo, 0) : end - lo])
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """The same bytes when every span is already in memory, else None (never blocks)."""
+        end = min(offset + size, self.ztoc.uncompressed_size)
+        if end <= offset:
+            return b""
+        first, last = self.zinfo.span_of(offset), self.zinfo.span_of(end - 1)
+        if first != last:
+            return None
+        data = self.memory.get((self.key, first))
+        if data is None:
+            return None
+        self.last_access = time.monotonic()
+        lo, _ = self._uncompressed_range(first)
+        return data[offset - lo : end - lo]
+
+    def span(self, span: int) -> bytes:
+        """A span's uncompressed bytes, from memory or inflated from verified compressed bytes."""
+        data = self.memory.get((self.key, span))
+        if data is not None:
+            return data
+        comp = self._compressed(span)
+        lo, hi = self._uncompressed_range(span)
+        if isinstance(self.zinfo, TarZinfo):
+            data = comp[: hi - lo]
+        else:
+            out = bytearray(hi - lo)
+            got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), 0, out)
+            if got != len(out):
+                raise LayerFormatError(f"span {span} of {self.key} inflated short")
+            data = bytes(out)
+        self.memory.put((self.key, span), data)
+        return data
+
+    def _compressed(self, span: int) -> bytes:
+        digest = self.ztoc.span_digests[span]
+        if self.disk is not None:
+            data = self.disk.get(digest)
+            if data is not None:
+                return data
+        self._ensure(span, span, force=True)
+        if self.disk is not None:
+            data = self.disk.get(digest)
+            if data is not None:
+                return data
+        # No disk cache (or it refused the span): fetch and verify directly.
+        return self._fetch_verified(span, span)[span]
+
+    # -- fetching ----------------------------------------------------------------------
+
+    def _ensure(self, first: int, last: int, force: bool = False) -> None:
+        """Make spans first..last available on disk, one fetch per span across threads."""
+        waits: list[threading.Event] = []
+        mine: list[int] = []
+        with self._lock:
+            for span in range(first, last + 1):
+                if span in self._have and not force:
+                    continue
+                if (self.memory.get((self.key, span)) is not None) and not force:
+                    continue
+                event = self._inflight.get(span)
+                if event is not None:
+                    waits.append(event)
+                elif span not in self._have or force:
+                    event = threading.Event()
+                    self._inflight[span] = event
+                    mine.append(span)
+        try:
+            # Contiguous runs of our spans go in one request each.
+            runs: list[list[int]] = []
+            for span in mine:
+                if runs and runs[-1][-1] == span - 1:
+                    runs[-1].append(span)
+                else:
+                    runs.append([span])
+            for run in runs:
+                if self.disk is not None:
+                    missing = [s for s in run if not self.disk.has(self.ztoc.span_digests[s])]
+                    if not missing:
+                        with self._lock:
+                            self._have.update(run)
+                        continue
+                    run = list(range(missing[0], missing[-1] + 1))
+                got = self._fetch_verified(run[0], run[-1])
+                for span, data in got.items():
+                    if self.disk is not None:
+                        self.disk.put(self.ztoc.span_digests[span], data)
+                with self._lock:
+                    self._have.update(got)
+        finally:
+            with self._lock:
+                for span in mine:
+                    self._inflight.pop(span).set()
+        for event in waits:
+            event.wait()
+
+    def _fetch_verified(self, first: int, last: int) -> dict[int, bytes]:
+        start = self.zinfo.compressed_start(first)
+        end = self.zinfo.compressed_end(last)
+        for attempt in (1, 2):
+            blob = self.fetch(start, end)
+            self.fetches += 1
+            self.bytes_fetched += len(blob)
+            out: dict[int, bytes] = {}
+            bad = None
+            for span in range(first, last + 1):
+                lo = self.zinfo.compressed_start(span) - start
+                hi = self.zinfo.compressed_end(span) - start
+                piece = blob[lo:hi]
+                if "sha256:" + hashlib.sha256(piece).hexdigest() != self.ztoc.span_digests[span]:
+                    bad = span
+                    break
+                out[span] = piece
+            if bad is None:
+                return out
+            self.verify_failures += 1
+            log.warning("layer %s: span %d failed verification (attempt %d)", self.key, bad,
+                        attempt)
+        raise DigestMismatchError(f"layer {self.key}: span {bad} failed verification twice")
+
+    # -- background fetch --------------------------------------------------------------
+
+    def missing_spans(self) -> list[int]:
+        with self._lock:
+            have = set(self._have)
+        return [s for s in range(self.spans) if s not in have]
+
+    def prefetch(self, span: int) -> None:
+        self._ensure(span, span)
+
+    @property
+    def fetched_fraction(self) -> float:
+        with self._lock:
+            return len(self._have) / self.spans if self.spans else 1.0

@@ -1,0 +1,214 @@
+"""A layer's file tree, built from its zTOC, as containers/storage expects a layer ``diff``.
+
+Paths are cleaned (``./a//b`` is ``a/b``); entries that would escape the layer
+(``..``) or carry NUL are dropped with a warning. Later entries replace
+earlier ones with the same path, as tar extraction does. Directories that only
+appear as path prefixes are created (0755, root). Hard links share their
+target's inode. OCI whiteouts become overlayfs whiteouts: ``.wh.NAME`` is a
+0/0 character device called NAME and ``.wh..wh..opq`` marks its directory
+opaque with the ``trusted.overlay.opaque`` xattr.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from soci.ztoc.model import FileMetadata, Ztoc
+
+log = logging.getLogger("soci.fs")
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+ROOT = 1
+
+_TYPE_BITS = {
+    "reg": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass(slots=True)
+class Node:
+    """One inode. ``offset`` is where a regular file's bytes start in the tar stream."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    nlink: int = 1
+    offset: int = 0
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] | None = None
+    children: dict[bytes, int] | None = field(default=None)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def parse_mod_time(text: str) -> int:
+    """RFC 3339 (as upstream writes it, any offset) to nanoseconds since the epoch."""
+    if not text:
+        return 0
+    try:
+        if text.endswith("Z"):
+            body, offset = text[:-1], 0
+        else:
+            body, sign, tz = text[:-6], text[-6], text[-5:]
+            offset = (int(tz[:2]) * 3600 + int(tz[3:]) * 60) * (1 if sign == "+" else -1)
+        whole, _, frac = body.partition(".")
+        date, _, clock = whole.partition("T")
+        y, mo, d = (int(x) for x in date.split("-"))
+        h, mi, s = (int(x) for x in clock.split(":"))
+        seconds = calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) - offset
+        return seconds * 1_000_000_000 + int(frac[:9].ljust(9, "0") if frac else 0)
+    except (ValueError, IndexError):
+        return 0
+
+
+def _clean(name: str) -> list[bytes] | None:
+    raw = name.encode("utf-8", "surrogateescape")
+    if b"\0" in raw:
+        return None
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        return None
+    return parts
+
+
+class LayerTree:
+    """Inodes numbered from 1 (the root); ``nodes[ino]``."""
+
+    def __init__(self, ztoc: Ztoc) -> None:
+        self.nodes: list[Node | None] = [None, Node(stat.S_IFDIR | 0o755, nlink=2, children={})]
+        self._paths: dict[tuple[bytes, ...], int] = {(): ROOT}
+        for entry in ztoc.entries:
+            self._add(entry)
+        self._count_links()
+
+    def __len__(self) -> int:
+        return len(self.nodes) - 1
+
+    def node(self, ino: int) -> Node:
+        node = self.nodes[ino] if 0 < ino < len(self.nodes) else None
+        if node is None:
+            raise KeyError(ino)
+        return node
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        children = self.node(parent).children
+        return None if children is None else children.get(name)
+
+    def _dir(self, parts: tuple[bytes, ...]) -> int:
+        ino = self._paths.get(parts)
+        if ino is not None and self.nodes[ino] is not None and self.nodes[ino].is_dir:  # type: ignore[union-attr]
+            return ino
+        parent = self._dir(parts[:-1])
+        node = Node(stat.S_IFDIR | 0o755, nlink=2, children={})
+        return self._attach(parent, parts, node)
+
+    def _attach(self, parent: int, parts: tuple[bytes, ...], node: Node, ino: int = 0) -> int:
+        if not ino:
+            self.nodes.append(node)
+            ino = len(self.nodes) - 1
+        self._paths[parts] = ino
+        children = self.nodes[parent].children  # type: ignore[union-attr]
+        assert children is not None
+        children[parts[-1]] = ino
+        return ino
+
+    def _add(self, e: FileMetadata) -> None:
+        parts = _clean(e.name)
+        if parts is None:
+            log.warning("layer entry %r skipped: its path escapes the layer", e.name)
+            return
+        if not parts:
+            root = self.nodes[ROOT]
+            assert root is not None
+            if e.type == "dir":
+                root.mode = stat.S_IFDIR | (e.mode & 0o7777)
+                root.uid, root.gid, root.mtime_ns = e.uid, e.gid, parse_mod_time(e.mod_time)
+                root.xattrs = _xattrs(e)
+            return
+        key = tuple(parts)
+        parent = self._dir(key[:-1])
+        base = key[-1]
+        if base == OPAQUE_MARKER:
+            node = self.nodes[parent]
+            assert node is not None
+            node.xattrs = {**(node.xattrs or {}), OPAQUE_XATTR: b"y"}
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            key = (*key[:-1], base[len(WHITEOUT_PREFIX):])
+            self._attach(parent, key, Node(stat.S_IFCHR, mtime_ns=parse_mod_time(e.mod_time)))
+            return
+        if e.type == "hardlink":
+            target_parts = _clean(e.linkname)
+            target = self._paths.get(tuple(target_parts)) if target_parts is not None else None
+            target_node = self.nodes[target] if target else None
+            if target_node is None or target_node.is_dir:
+                log.warning("hard link %r skipped: target %r is not in the layer", e.name,
+                            e.linkname)
+                return
+            self._attach(parent, key, target_node, target)
+            return
+        bits = _TYPE_BITS.get(e.type)
+        if bits is None:
+            log.warning("layer entry %r skipped: unknown type %s", e.name, e.type)
+            return
+        node = Node(
+            bits | (e.mode & 0o7777), e.uid, e.gid,
+            e.size if e.type == "reg" else 0,
+            parse_mod_time(e.mod_time),
+            os.makedev(e.devmajor, e.devminor) if e.type in ("char", "block") else 0,
+            offset=e.offset,
+            xattrs=_xattrs(e),
+        )
+        if e.type == "symlink":
+            node.target = e.linkname.encode("utf-8", "surrogateescape")
+            node.size = len(node.target)
+        existing = self._paths.get(key)
+        if e.type == "dir":
+            node.children = {}
+            old = self.nodes[existing] if existing else None
+            if old is not None and old.is_dir:
+                node.children = old.children  # a directory entry repeated keeps its contents
+                self.nodes[existing] = node  # type: ignore[index]
+                return
+        self._attach(parent, key, node)
+
+    def _count_links(self) -> None:
+        counts: dict[int, int] = {}
+        for ino, node in enumerate(self.nodes):
+            if node is None or node.children is None:
+                continue
+            for child in node.children.values():
+                counts[child] = counts.get(child, 0) + 1
+        for ino, node in enumerate(self.nodes):
+            if node is None:
+                continue
+            if node.children is not None:
+                subdirs = sum(1 for c in node.children.values()
+                              if self.nodes[c] is not None and self.nodes[c].is_dir)  # type: ignore[union-attr]
+                node.nlink = 2 + subdirs
+            else:
+                node.nlink = max(counts.get(ino, 1), 1)
+
+
+def _xattrs(e: FileMetadata) -> dict[bytes, bytes] | None:
+    found = e.xattrs
+    if not found:
+        return None
+    return {k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
+            for k, v in found.items()}

@@ -1,0 +1,197 @@
+"""Resolving (image ref, layer digest) to a lazily served layer, and keeping count of users.
+
+A layer is served only if the image's SOCI index (found in the fork's order,
+see ``soci.index.discover``) holds a zTOC for it; otherwise the answer is
+"not here" and containers/storage pulls the layer itself. Layers are shared by
+digest across image refs, so two images with a common layer fetch it once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from soci.artifacts import LocalStore
+from soci.errors import NotFoundError, SociError
+from soci.fs.cache import DiskCache, MemoryCache
+from soci.fs.spans import SpanManager
+from soci.fs.tree import LayerTree
+from soci.index.discover import discover_index
+from soci.index.model import ztoc_layer
+from soci.oci import mediatypes as mt
+from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
+from soci.registry import Reference, RegistryClient
+from soci.ztoc import decode
+
+log = logging.getLogger("soci.store")
+
+#: containers/storage's compression code for gzip (pkg/archive.Gzip).
+_GZIP = 2
+_UNCOMPRESSED = 0
+
+
+@dataclass(slots=True)
+class Layer:
+    """One lazily served layer: its tree, its span manager, its containers/storage info."""
+
+    digest: str
+    size: int
+    ref: Reference
+    tree: LayerTree
+    spans: SpanManager
+    info: bytes
+    users: int = 0
+    blob_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def read_blob(self, client: RegistryClient, store: LocalStore, offset: int, size: int) -> bytes:
+        """Bytes of the compressed blob: downloaded whole and verified once, then local."""
+        with self.blob_lock:
+            if not store.content.has_blob(self.digest):
+                log.info("layer %s: blob requested, downloading it whole to verify it",
+                         self.digest)
+                with client.open_blob(self.ref, self.digest) as stream:
+                    store.content.ingest(stream, self.digest, self.size)
+        with open(store.content.blob_path(self.digest), "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+class LayerManager:
+    def __init__(self, store: LocalStore, client: RegistryClient, memory: MemoryCache,
+                 disk: DiskCache | None, platform: Platform | None = None) -> None:
+        self.store = store
+        self.client = client
+        self.memory = memory
+        self.disk = disk
+        self.platform = platform or Platform.host()
+        self._lock = threading.Lock()
+        self._layers: dict[str, Layer] = {}
+        self._resolving: dict[tuple[str, str], threading.Event] = {}
+        self._absent: set[tuple[str, str]] = set()
+        self._images: dict[str, tuple[Descriptor, Manifest, list[str]]] = {}
+
+    def layers(self) -> list[Layer]:
+        with self._lock:
+            return list(self._layers.values())
+
+    # -- resolution --------------------------------------------------------------------
+
+    def _image(self, ref: Reference) -> tuple[Descriptor, Manifest, list[str]]:
+        """The platform manifest of ``ref`` and its diff IDs (cached per ref)."""
+        key = str(ref)
+        cached = self._images.get(key)
+        if cached is not None:
+            return cached
+        got = self.client.get_manifest(ref)
+        desc = Descriptor(got.media_type, got.digest, len(got.data))
+        data = got.data
+        if got.media_type in mt.INDEXES:
+            index = Index.parse(data, got.media_type)
+            match = next((m for m in index.manifests if m.media_type in mt.MANIFESTS
+                          and not m.artifact_type and m.platform is not None
+                          and m.platform.matches(self.platform)), None)
+            if match is None:
+                raise NotFoundError(f"{ref}: no manifest for {self.platform}")
+            data = self.client.get_manifest(ref.with_digest(match.digest)).data
+            desc = Descriptor(match.media_type, match.digest, len(data))
+        manifest = Manifest.parse(data, desc.media_type)
+        config = json.loads(self.client.get_blob(ref, manifest.config.digest))
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        self._images[key] = (desc, manifest, diff_ids)
+        return desc, manifest, diff_ids
+
+    def get(self, ref_text: str, digest: str) -> Layer | None:
+        """The layer, or None when it is not served lazily (no index, or no zTOC for it)."""
+        key = (ref_text, digest)
+        while True:
+            with self._lock:
+                layer = self._layers.get(digest)
+                if layer is not None:
+                    return layer
+                if key in self._absent:
+                    return None
+                event = self._resolving.get(key)
+                if event is None:
+                    event = self._resolving[key] = threading.Event()
+                    break
+            event.wait()
+        try:
+            layer = self._resolve(ref_text, digest)
+            with self._lock:
+                if layer is None:
+                    self._absent.add(key)
+                else:
+                    layer = self._layers.setdefault(digest, layer)
+            return layer
+        finally:
+            with self._lock:
+                self._resolving.pop(key).set()
+
+    def _resolve(self, ref_text: str, digest: str) -> Layer | None:
+        try:
+            ref = Reference.parse(ref_text)
+        except ValueError as e:
+            log.warning("image %r: not a valid reference (%s)", ref_text, e)
+            return None
+        desc, manifest, diff_ids = self._image(ref)
+        position = next((i for i, layer in enumerate(manifest.layers) if layer.digest == digest),
+                        None)
+        if position is None:
+            log.info("image %s: layer %s is not part of its %s manifest", ref, digest,
+                     self.platform)
+            return None
+        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform))
+        if found is None:
+            log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref,
+                     digest)
+            return None
+        ztoc_desc = next((z for z in found.index.ztocs() if ztoc_layer(z)[0] == digest), None)
+        if ztoc_desc is None:
+            log.info("image %s: layer %s has no zTOC in index %s (pulled normally)", ref, digest,
+                     found.digest)
+            return None
+        try:
+            ztoc = decode(self.store.content.read_blob(ztoc_desc.digest))
+            if ztoc.compressed_size != manifest.layers[position].size:
+                raise SociError("zTOC describes a layer of another size")
+            tree = LayerTree(ztoc)
+        except SociError as e:
+            log.warning("image %s: zTOC %s for layer %s refused: %s", ref, ztoc_desc.digest,
+                        digest, e)
+            return None
+
+        def fetch(start: int, end: int) -> bytes:
+            return self.client.get_blob_range(ref, digest, start, end)
+
+        spans = SpanManager(digest, ztoc, fetch, self.memory, self.disk)
+        layer_media_type = manifest.layers[position].media_type
+        info = {
+            "compressed-diff-digest": digest,
+            "compressed-size": manifest.layers[position].size,
+            "diff-digest": diff_ids[position] if position < len(diff_ids) else "",
+            "compression": _UNCOMPRESSED if layer_media_type in mt.TAR_LAYERS else _GZIP,
+        }
+        log.info("image %s: layer %s mounted lazily (SOCI index %s found in %s, %d files, "
+                 "%d spans)", ref, digest, found.digest, found.where, len(tree), ztoc.span_count)
+        return Layer(digest, manifest.layers[position].size, ref, tree, spans,
+                     json.dumps(info).encode() + b"\n")
+
+    # -- reference counting (containers/storage's "use" and rmdir) ----------------------
+
+    def use(self, digest: str) -> int:
+        with self._lock:
+            layer = self._layers.get(digest)
+            if layer is None:
+                return 0
+            layer.users += 1
+            return layer.users
+
+    def release(self, digest: str) -> int:
+        with self._lock:
+            layer = self._layers.get(digest)
+            if layer is None:
+                return 0
+            layer.users = max(layer.users - 1, 0)
+            return layer.users

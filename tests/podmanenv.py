@@ -1,0 +1,318 @@
+"""An isolated podman for tests: private storage, configuration and state under one directory.
+
+:class:`Podman` writes its own ``storage.conf`` (overlay driver, optionally an Additional
+Layer Store), ``containers.conf`` (runc, cgroupfs, file events, no network, the rlimits this
+host allows), ``registries.conf`` (the given hosts insecure, no search registries) and a
+``policy.json`` accepting anything, and points only the podman processes it starts at them
+through environment variables: ``/etc`` and the caller's environment are left alone.
+
+Every subprocess has a timeout. :meth:`Podman.close` removes containers and images, unmounts
+whatever is still mounted under its directories (as read from ``/proc/mounts``) and deletes
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PODMAN = "podman"
+#: Seconds any one podman command may take (pulls of test images are small).
+DEFAULT_TIMEOUT = 120.0
+_CLEANUP_TIMEOUT = 60.0
+_ULIMITS = ["nofile=20000:20000", "nproc=32768:32768"]
+
+
+def podman_available() -> str | None:
+    """Why podman cannot run containers here, or ``None`` when it (probably) can."""
+    if os.geteuid() != 0:
+        return "podman tests need root (rootful podman with the overlay driver)"
+    for tool, package in (
+        (PODMAN, "podman"), ("runc", "runc"), ("conmon", "conmon"),
+    ):
+        if shutil.which(tool) is None and not Path(f"/usr/libexec/podman/{tool}").exists():
+            return f"{tool} not found (Debian package {package})"
+    try:
+        proc = subprocess.run(
+            [PODMAN, "--version"], capture_output=True, timeout=30, check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"podman --version failed: {e}"
+    if proc.returncode != 0:
+        return f"podman --version failed: {proc.stderr.decode(errors='replace')[-500:]}"
+    if not Path("/proc/filesystems").read_text().count("overlay"):
+        return "the kernel has no overlay filesystem"
+    return None
+
+
+def _toml_str(value: str | os.PathLike[str]) -> str:
+    """A TOML basic string (json.dumps escapes compatibly for the strings we write)."""
+    return json.dumps(str(value))
+
+
+def _toml_list(values: list[str]) -> str:
+    return "[" + ", ".join(_toml_str(v) for v in values) + "]"
+
+
+def _unescape_mount_path(field: str) -> str:
+    """/proc/mounts escapes space, tab, newline and backslash as ``\\ooo``."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field[i + 1 : i + 4]) == 3:
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts_under(*roots: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below any of ``roots``, deepest (and latest) first."""
+    prefixes = [os.path.realpath(r) for r in roots]
+    found: list[str] = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 2:
+                continue
+            point = _unescape_mount_path(fields[1])
+            if any(point == p or point.startswith(p + "/") for p in prefixes):
+                found.append(point)
+    # Later mounts may stack on earlier ones: unmount in reverse order.
+    return list(reversed(found))
+
+
+def unmount_all_under(*roots: str | os.PathLike[str]) -> list[str]:
+    """Unmount everything below ``roots`` (bounded passes, lazy as a last resort).
+
+    Returns what was still mounted after trying (empty on success)."""
+    for attempt in range(5):
+        points = mounts_under(*roots)
+        if not points:
+            return []
+        for point in points:
+            flags = ["-l"] if attempt >= 3 else []
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["umount", *flags, point], capture_output=True, timeout=30, check=False,
+                )
+    return mounts_under(*roots)
+
+
+class PodmanError(RuntimeError):
+    def __init__(self, args: list[str], proc: subprocess.CompletedProcess[bytes]) -> None:
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        tail = proc.stderr.decode(errors="replace")[-3000:]
+        super().__init__(f"podman {' '.join(args)} exited with {proc.returncode}: {tail}")
+
+
+class Podman:
+    """A private podman configuration under ``workdir`` (created if needed).
+
+    ``additional_layer_store``: an absolute directory used as a containers/storage
+    Additional Layer Store with the ``:ref`` option (layers are looked up at
+    ``<store>/<base64(image reference)>/<compressed digest>/``).
+    ``insecure_registries``: ``host:port`` entries podman may talk plain HTTP to.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        additional_layer_store: str | os.PathLike[str] | None = None,
+        insecure_registries: list[str] | tuple[str, ...] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        # A fresh subdirectory: close() deletes it wholesale, never the caller's workdir.
+        self.dir = Path(tempfile.mkdtemp(prefix="podman-", dir=os.path.abspath(workdir)))
+        self.graphroot = self.dir / "root"
+        self.runroot = self.dir / "run"
+        self.tmpdir = self.dir / "tmp"
+        self.confdir = self.dir / "conf"
+        self.home = self.dir / "home"
+        self.events_log = self.dir / "events.log"
+        self.timeout = timeout
+        self.additional_layer_store = (
+            None if additional_layer_store is None else os.path.abspath(additional_layer_store)
+        )
+        self.insecure_registries = list(insecure_registries)
+        self._closed = False
+        try:
+            self._write_config()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.env = self._environment()
+
+    # -- configuration -------------------------------------------------------------------
+
+    def _write_config(self) -> None:
+        for d in (self.graphroot, self.runroot, self.tmpdir, self.confdir,
+                  self.home / ".config" / "containers", self.dir / "networks",
+                  self.dir / "image-copy-tmp"):
+            d.mkdir(parents=True, exist_ok=True)
+        storage = [
+            "[storage]",
+            'driver = "overlay"',
+            f"graphroot = {_toml_str(self.graphroot)}",
+            f"runroot = {_toml_str(self.runroot)}",
+            "",
+            "[storage.options]",
+        ]
+        if self.additional_layer_store is not None:
+            storage.append(
+                f"additionallayerstores = {_toml_list([self.additional_layer_store + ':ref'])}"
+            )
+        storage += ["", "[storage.options.overlay]", 'mountopt = "nodev"', ""]
+        (self.confdir / "storage.conf").write_text("\n".join(storage))
+
+        containers = [
+            "[containers]",
+            f"default_ulimits = {_toml_list(_ULIMITS)}",
+            'log_driver = "k8s-file"',
+            'netns = "none"',
+            "",
+            "[engine]",
+            'runtime = "runc"',
+            'cgroup_manager = "cgroupfs"',
+            'events_logger = "file"',
+            f"events_logfile_path = {_toml_str(self.events_log)}",
+            f"tmp_dir = {_toml_str(self.tmpdir)}",
+            f"image_copy_tmp_dir = {_toml_str(self.dir / 'image-copy-tmp')}",
+            "",
+            "[network]",
+            f"network_config_dir = {_toml_str(self.dir / 'networks')}",
+            "",
+        ]
+        (self.confdir / "containers.conf").write_text("\n".join(containers))
+
+        registries = ["unqualified-search-registries = []", 'short-name-mode = "disabled"', ""]
+        for host in self.insecure_registries:
+            registries += [
+                "[[registry]]",
+                f"location = {_toml_str(host)}",
+                "insecure = true",
+                "",
+            ]
+        (self.confdir / "registries.conf").write_text("\n".join(registries))
+
+        policy = json.dumps({"default": [{"type": "insecureAcceptAnything"}]})
+        (self.confdir / "policy.json").write_text(policy)
+        # containers/image reads $HOME/.config/containers/policy.json before /etc's.
+        (self.home / ".config" / "containers" / "policy.json").write_text(policy)
+        (self.confdir / "auth.json").write_text('{"auths": {}}')
+
+    def _environment(self) -> dict[str, str]:
+        env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH", "XDG_", "DOCKER_", "BUILDAH_"))
+        }
+        env.update(
+            CONTAINERS_STORAGE_CONF=str(self.confdir / "storage.conf"),
+            CONTAINERS_CONF=str(self.confdir / "containers.conf"),
+            CONTAINERS_REGISTRIES_CONF=str(self.confdir / "registries.conf"),
+            REGISTRY_AUTH_FILE=str(self.confdir / "auth.json"),
+            HOME=str(self.home),
+            XDG_CONFIG_HOME=str(self.home / ".config"),
+            XDG_DATA_HOME=str(self.home / ".local" / "share"),
+            TMPDIR=str(self.dir / "image-copy-tmp"),
+        )
+        return env
+
+    # -- running podman ------------------------------------------------------------------
+
+    def command(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float | None = None,
+        input: bytes | None = None,
+        log_level: str | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``podman ARGS`` with this configuration; raise :class:`PodmanError` on failure
+        when ``check``. ``log_level`` (e.g. ``"debug"``) goes before the subcommand."""
+        if self._closed:
+            raise RuntimeError("this Podman has been closed")
+        argv = list(args)
+        if log_level is not None:
+            argv = [f"--log-level={log_level}", *argv]
+        proc = subprocess.run(
+            [PODMAN, *argv],
+            env=self.env,
+            cwd=self.dir,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=self.timeout if timeout is None else timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise PodmanError(argv, proc)
+        return proc
+
+    def pull(self, ref: str, *, log_level: str | None = None) -> str:
+        """``podman pull --tls-verify=false REF``; the pulled image's full ID."""
+        proc = self.command("pull", "--quiet", "--tls-verify=false", ref, log_level=log_level)
+        lines = proc.stdout.decode().split()
+        if not lines:
+            raise RuntimeError(f"podman pull {ref} printed no image ID")
+        return lines[-1]
+
+    def run(self, ref: str, *cmd: str, log_level: str | None = None) -> bytes:
+        """``podman run --rm --network=none REF CMD...``; the container's stdout."""
+        proc = self.command(
+            "run", "--rm", "--network=none", "--tls-verify=false", ref, *cmd,
+            log_level=log_level,
+        )
+        return proc.stdout
+
+    def images(self) -> list[dict[str, Any]]:
+        """``podman images --format json`` parsed."""
+        out = self.command("images", "--format", "json").stdout
+        return list(json.loads(out or b"[]"))
+
+    def rmi(self, ref: str, *, force: bool = False) -> None:
+        self.command("rmi", *(["--force"] if force else []), ref)
+
+    # -- cleanup -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove containers and images, unmount everything below our dirs, delete them."""
+        if self._closed:
+            return
+        problems: list[str] = []
+        for args in (("rm", "--all", "--force"), ("rmi", "--all", "--force")):
+            try:
+                proc = self.command(*args, check=False, timeout=_CLEANUP_TIMEOUT)
+                if proc.returncode != 0:
+                    problems.append(f"podman {' '.join(args)}: {proc.stderr[-500:]!r}")
+            except (OSError, subprocess.TimeoutExpired) as e:
+                problems.append(f"podman {' '.join(args)}: {e}")
+        self._closed = True
+        left = unmount_all_under(self.dir)
+        if left:
+            problems.append(f"still mounted: {left}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if problems and not left:
+            # Nothing is left behind: containers/images went with the directory.
+            return
+        if left:
+            raise RuntimeError("; ".join(problems))
+
+    def __enter__(self) -> Podman:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
