@@ -34,13 +34,14 @@ class StoreDaemon:
 
     def start(self) -> StoreDaemon:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from soci.store.daemon import main; main()",
                  "--config", str(self.config), "--log-level", "debug", str(self.mountpoint)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not is_mounted(self.mountpoint):
+        while not (is_mounted(self.mountpoint) and b"serving" in self.log.read_bytes()[start:]):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"soci-store did not mount: {self.log.read_text()[-3000:]}")
             time.sleep(0.05)

@@ -1,0 +1,247 @@
+"""soci-store as a real FUSE daemon: the layer tree, lazy reads, faults, restarts, overlay."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from images import big_file, files_layer, write_image
+from layers import Node, tar_with_tarfile
+from registryd import FaultProxy, Registry, push_layout
+from storeenv import StoreDaemon, is_mounted
+
+BIG = {f"data/big{i}.bin": big_file(f"s{i}", 2_500_000) for i in range(8)}
+
+
+def rich_layer() -> bytes:
+    nodes = [Node("data", "dir", mode=0o755), Node("etc", "dir", mode=0o750)]
+    nodes += [Node(name, data=data, mode=0o644) for name, data in BIG.items()]
+    nodes += [
+        Node("etc/config", data=b"key=value\n", mode=0o600, mtime=1_700_000_000.25,
+             pax={"SCHILY.xattr.user.color": "blue", "mtime": "1700000000.25"}),
+        Node("etc/hard", "hardlink", target="etc/config"),
+        Node("etc/link", "symlink", target="../data/big1.bin"),
+        Node("etc/pipe", "fifo"),
+        Node("etc/null", "char"),
+        Node("bin", "dir"),
+        Node("bin/tool", data=b"#!/bin/sh\necho tool\n", mode=0o4755),
+        Node("etc/.wh.gone", data=b""),
+        Node("opq", "dir"),
+        Node("opq/.wh..wh..opq", data=b""),
+        Node("opq/kept", data=b"kept\n"),
+    ]
+    return tar_with_tarfile(nodes, tarfile.PAX_FORMAT)
+
+
+def soci(root: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("store")
+    tar = rich_layer()
+    with Registry() as reg:
+        write_image(tmp / "img", "v1", [files_layer({"small/file": b"small\n"}), tar])
+        push_layout(tmp / "img", reg.host, "rich:v1", tag="v1")
+        ref = f"{reg.host}/rich:v1"
+        root = tmp / "root"
+        soci(root, "create", "--span-size", "1048576", ref)  # the small layer gets no zTOC
+        manifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+            capture_output=True, check=True).stdout)
+        yield {"tmp": tmp, "registry": reg, "ref": ref, "root": root, "tar": tar,
+               "small": manifest["layers"][0], "layer": manifest["layers"][1]}
+
+
+@pytest.fixture(scope="module")
+def store(env: dict) -> Iterator[StoreDaemon]:
+    with StoreDaemon(env["root"], env["tmp"] / "mnt") as daemon:
+        yield daemon
+
+
+def test_tree_matches_the_layer(env: dict, store: StoreDaemon) -> None:
+    diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+    with tarfile.open(fileobj=__import__("io").BytesIO(env["tar"])) as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    for name in ("etc/config", "bin/tool", "data/big3.bin"):
+        st, m = os.lstat(diff / name), members[name]
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == m.mode
+        assert (st.st_uid, st.st_gid, st.st_size) == (m.uid, m.gid, m.size)
+    assert os.lstat(diff / "etc/config").st_mtime_ns == 1_700_000_000_250_000_000
+    assert os.lstat(diff / "etc").st_mode & 0o7777 == 0o750
+    # hard links share the inode; symlinks, fifos and devices are what they say
+    assert os.lstat(diff / "etc/hard").st_ino == os.lstat(diff / "etc/config").st_ino
+    assert os.lstat(diff / "etc/config").st_nlink == 2
+    assert os.readlink(diff / "etc/link") == "../data/big1.bin"
+    assert (diff / "etc/link").read_bytes() == BIG["data/big1.bin"]
+    assert stat.S_ISFIFO(os.lstat(diff / "etc/pipe").st_mode)
+    null = os.lstat(diff / "etc/null")
+    assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1
+    # PAX xattrs, whiteouts and opaque directories as overlayfs wants them
+    assert os.getxattr(diff / "etc/config", "user.color") == b"blue"
+    assert "user.color" in os.listxattr(diff / "etc/config")
+    gone = os.lstat(diff / "etc/gone")
+    assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+    assert not os.path.lexists(diff / "etc/.wh.gone")
+    assert os.getxattr(diff / "opq", "trusted.overlay.opaque") == b"y"
+    assert sorted(os.listdir(diff / "opq")) == ["kept"]
+    assert sorted(os.listdir(diff)) == ["bin", "data", "etc", "opq"]
+    assert sorted(os.listdir(diff / "etc")) == ["config", "gone", "hard", "link", "null", "pipe"]
+    with pytest.raises(OSError) as e:
+        os.getxattr(diff / "etc/hard", "user.nope")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_reads_fetch_only_what_they_need(env: dict, store: StoreDaemon) -> None:
+    diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+    assert (diff / "etc/config").read_bytes() == b"key=value\n"
+    cached = sum(p.stat().st_size for p in (env["root"] / "cache" / "spans").iterdir())
+    assert 0 < cached < env["layer"]["size"] / 3
+    for name, data in BIG.items():
+        assert (diff / name).read_bytes() == data
+    assert (diff / "bin/tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+
+
+def test_concurrent_readers(env: dict, store: StoreDaemon) -> None:
+    diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+    rng = random.Random(7)
+    jobs = [(name, rng.randrange(0, 2_400_000), rng.choice([1, 4096, 65536, 300_000]))
+            for name in BIG for _ in range(8)]
+
+    def read(job: tuple[str, int, int]) -> bool:
+        name, off, size = job
+        fd = os.open(diff / name, os.O_RDONLY)
+        try:
+            return os.pread(fd, size, off) == BIG[name][off : off + size]
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(read, jobs))
+
+
+def test_info_blob_use_release_and_missing_ztoc(env: dict, store: StoreDaemon) -> None:
+    layer_dir = store.layer_dir(env["ref"], env["layer"]["digest"])
+    info = json.loads((layer_dir / "info").read_text())
+    assert info["compressed-diff-digest"] == env["layer"]["digest"]
+    assert info["compressed-size"] == env["layer"]["size"]
+    assert info["diff-digest"] == "sha256:" + hashlib.sha256(env["tar"]).hexdigest()
+    assert info["compression"] == 2
+    blob = (layer_dir / "blob").read_bytes()
+    assert "sha256:" + hashlib.sha256(blob).hexdigest() == env["layer"]["digest"]
+    with pytest.raises(FileNotFoundError):
+        open(layer_dir / "use", "w").close()
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(layer_dir)
+    assert "in use (users=1)" in store.logs() and "released (users=0)" in store.logs()
+    # A layer without a zTOC, and a digest that is not in the image: not here.
+    for digest in (env["small"]["digest"], "sha256:" + "1" * 64):
+        with pytest.raises(FileNotFoundError):
+            os.stat(store.layer_dir(env["ref"], digest) / "diff")
+    with pytest.raises(OSError):
+        open(layer_dir / "diff" / "etc" / "config", "w").close()
+
+
+def test_overlay_sees_whiteouts_and_opaque_dirs(env: dict, store: StoreDaemon,
+                                                 tmp_path: Path) -> None:
+    diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+    lower = tmp_path / "lower"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "gone").write_text("should be hidden")
+    (lower / "opq").mkdir()
+    (lower / "opq" / "old").write_text("hidden by the opaque dir")
+    (lower / "keep").write_text("visible")
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, merged):
+        d.mkdir()
+    # containers/storage reaches the store through a symlink (digests hold ':', overlay's
+    # lowerdir separator); so do we.
+    link = tmp_path / "layer"
+    link.symlink_to(diff)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={link}:{lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True, capture_output=True)
+    try:
+        assert not (merged / "etc" / "gone").exists()
+        assert sorted(os.listdir(merged / "opq")) == ["kept"]
+        assert (merged / "keep").read_text() == "visible"
+        assert (merged / "data" / "big5.bin").read_bytes() == BIG["data/big5.bin"]
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+
+
+def test_faults_never_serve_wrong_bytes(env: dict, tmp_path: Path) -> None:
+    with FaultProxy(env["registry"].host) as proxy:
+        ref = f"{proxy.host}/rich:v1"
+        root = tmp_path / "root"
+        soci(root, "create", "--span-size", "1048576", ref)
+        with StoreDaemon(root, tmp_path / "mnt") as daemon:
+            diff = daemon.layer_dir(ref, env["layer"]["digest"]) / "diff"
+            assert sorted(os.listdir(diff)) == ["bin", "data", "etc", "opq"]
+            proxy.corrupt(1, match="/blobs/")
+            assert (diff / "data/big0.bin").read_bytes() == BIG["data/big0.bin"]
+            proxy.drop(1, match="/blobs/")
+            assert (diff / "data/big2.bin").read_bytes() == BIG["data/big2.bin"]
+            proxy.corrupt(10, match="/blobs/")
+            with pytest.raises(OSError) as e:
+                (diff / "data/big6.bin").read_bytes()
+            assert e.value.errno == errno.EIO
+            proxy.clear()
+            assert (diff / "data/big6.bin").read_bytes() == BIG["data/big6.bin"]
+            assert "failed verification" in daemon.logs()
+            assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_restart_after_sigkill_reuses_the_disk_cache(env: dict, tmp_path: Path) -> None:
+    with FaultProxy(env["registry"].host) as proxy:
+        ref = f"{proxy.host}/rich:v1"
+        root = tmp_path / "root"
+        soci(root, "create", "--span-size", "1048576", ref)
+        first = StoreDaemon(root, tmp_path / "mnt").start()
+        diff = first.layer_dir(ref, env["layer"]["digest"]) / "diff"
+        assert (diff / "data/big4.bin").read_bytes() == BIG["data/big4.bin"]
+        first.stop(signal.SIGKILL)
+        assert is_mounted(tmp_path / "mnt")  # left stale by the crash
+        with pytest.raises(OSError):
+            os.listdir(tmp_path / "mnt")
+        before = len(proxy.counters.seen)
+        with StoreDaemon(root, tmp_path / "mnt") as second:
+            diff = second.layer_dir(ref, env["layer"]["digest"]) / "diff"
+            assert (diff / "data/big4.bin").read_bytes() == BIG["data/big4.bin"]
+            assert "stale mount" in second.logs()
+        layer_gets = [s for s in proxy.counters.seen[before:]
+                      if env["layer"]["digest"] in s and s.startswith("GET")]
+        assert layer_gets == []  # every span came from the disk cache
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_background_fetch_fills_the_layer(env: dict, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    soci(root, "create", "--span-size", "1048576", env["ref"])
+    with StoreDaemon(root, tmp_path / "mnt", background=True) as daemon:
+        diff = daemon.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+        assert (diff / "etc/config").read_bytes() == b"key=value\n"
+        spans = root / "cache" / "spans"
+        deadline = __import__("time").monotonic() + 30
+        while "fully fetched in the background" not in daemon.logs():
+            assert __import__("time").monotonic() < deadline, daemon.logs()[-2000:]
+            __import__("time").sleep(0.1)
+        total = sum(p.stat().st_size for p in spans.iterdir())
+        assert total >= env["layer"]["size"] * 0.9
