@@ -190,7 +190,7 @@ class LayerTree:
 
     def _count_links(self) -> None:
         counts: dict[int, int] = {}
-        for ino, node in enumerate(self.nodes):
+        for node in self.nodes:
             if node is None or node.children is None:
                 continue
             for child in node.children.values():
