@@ -17,7 +17,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,72 @@ def unmount_all_under(*roots: str | os.PathLike[str]) -> list[str]:
                     ["umount", *flags, point], capture_output=True, timeout=30, check=False,
                 )
     return mounts_under(*roots)
+
+
+# conmon double-forks, so it is reparented to PID 1 when the container exits. Where PID 1
+# is slow to reap orphans (as in this project's CI VMs), conmon stays a zombie, podman's
+# "is conmon alive" check (kill(pid, 0)) keeps saying yes, and every `podman run` waits
+# for its 20 s conmon timeout. So podman runs under this tiny subreaper: orphans become
+# its children and are reaped at once; it exits with podman's status.
+_REAPER = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.stderr.write("podmanenv reaper: PR_SET_CHILD_SUBREAPER failed\n")
+child = os.fork()
+if child == 0:
+    try:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    finally:
+        os._exit(127)
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, lambda s, f: os.kill(child, s))
+while True:
+    try:
+        pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+        sys.exit(125)
+    except InterruptedError:
+        continue
+    if pid == child:
+        break
+while True:  # reap orphans that already exited; leave running ones (e.g. run -d) be
+    try:
+        if os.waitpid(-1, os.WNOHANG)[0] == 0:
+            break
+    except ChildProcessError:
+        break
+sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+         else 128 + os.WTERMSIG(status))
+"""
+
+
+def run_reaped(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    input: bytes | None = None,
+    timeout: float,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` under a child-subreaper (see ``_REAPER``), capturing its output.
+
+    On timeout the whole process group (reaper, podman and its helpers that did not
+    start their own session) is killed and :class:`subprocess.TimeoutExpired` raised."""
+    full = [sys.executable, "-c", _REAPER, *argv]
+    with subprocess.Popen(
+        full, env=env, cwd=cwd, start_new_session=True,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=30)
+            raise subprocess.TimeoutExpired(argv, timeout, out, err) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 class PodmanError(RuntimeError):
@@ -247,15 +315,12 @@ class Podman:
         argv = list(args)
         if log_level is not None:
             argv = [f"--log-level={log_level}", *argv]
-        proc = subprocess.run(
+        proc = run_reaped(
             [PODMAN, *argv],
             env=self.env,
             cwd=self.dir,
             input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
             timeout=self.timeout if timeout is None else timeout,
-            check=False,
         )
         if check and proc.returncode != 0:
             raise PodmanError(argv, proc)

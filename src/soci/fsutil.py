@@ -10,11 +10,13 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
+                  durable: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` that replaces it only on success.
 
     Readers see either the old file or the complete new one; an exception
     inside the block removes the temporary file and leaves ``path`` untouched.
+    ``durable=False`` skips the fsync, for caches that verify what they read.
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
@@ -23,7 +25,8 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[B
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:

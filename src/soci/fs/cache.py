@@ -118,7 +118,7 @@ class DiskCache:
             if name in self._index:
                 return
         try:
-            with atomic_writer(self.directory / name) as f:
+            with atomic_writer(self.directory / name, durable=False) as f:
                 f.write(data)
         except OSError as e:
             log.warning("disk cache: cannot store span %s: %s", digest, e)

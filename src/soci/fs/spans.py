@@ -28,6 +28,9 @@ RangeFetcher = Callable[[int, int], bytes]
 
 
 class SpanManager:
+    #: At most this many spans are fetched ahead of a read, in one request.
+    MAX_AHEAD = 8
+
     def __init__(self, key: str, ztoc: Ztoc, fetch: RangeFetcher, memory: MemoryCache,
                  disk: DiskCache | None) -> None:
         self.key = key
@@ -40,6 +43,7 @@ class SpanManager:
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         self._have: set[int] = set()  # spans known to be on disk (or fetched)
+        self._fresh: dict[int, bytes] = {}  # verified compressed spans not yet inflated
         self.bytes_fetched = 0
         self.fetches = 0
         self.verify_failures = 0
@@ -55,18 +59,25 @@ class SpanManager:
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, offset: int, size: int) -> bytes:
-        """Uncompressed bytes [offset, offset+size) of the tar stream (short at its end)."""
+    def read(self, offset: int, size: int, ahead_to: int = 0) -> bytes:
+        """Uncompressed bytes [offset, offset+size) of the tar stream (short at its end).
+
+        On a miss, the spans up to uncompressed offset ``ahead_to`` (the end of
+        the file being read, say) are fetched in the same request.
+        """
         self.last_access = time.monotonic()
         end = min(offset + size, self.ztoc.uncompressed_size)
         if end <= offset:
             return b""
         first, last = self.zinfo.span_of(offset), self.zinfo.span_of(end - 1)
+        ahead = max(last, self.zinfo.span_of(max(min(ahead_to, self.ztoc.uncompressed_size) - 1,
+                                                 0)))
+        ahead = min(ahead, last + self.MAX_AHEAD)
         pieces = []
         for span in range(first, last + 1):
             data = self.memory.get((self.key, span))
             if data is None:
-                self._ensure(span, last)
+                self._ensure(span, ahead)
                 data = self.span(span)
             lo, _ = self._uncompressed_range(span)
             pieces.append(data[max(offset - lo, 0) : end - lo])
@@ -106,6 +117,10 @@ class SpanManager:
         return data
 
     def _compressed(self, span: int) -> bytes:
+        with self._lock:
+            fresh = self._fresh.pop(span, None)
+        if fresh is not None:
+            return fresh
         digest = self.ztoc.span_digests[span]
         if self.disk is not None:
             data = self.disk.get(digest)
@@ -160,6 +175,8 @@ class SpanManager:
                         self.disk.put(self.ztoc.span_digests[span], data)
                 with self._lock:
                     self._have.update(got)
+                    if len(self._fresh) < self.MAX_AHEAD * 2:
+                        self._fresh.update(got)
         finally:
             with self._lock:
                 for span in mine:

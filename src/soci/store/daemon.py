@@ -136,7 +136,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> Non
             fetcher.stopped.set()
         pyfuse3.close(unmount=True)
         store.close()
-        log.info("soci-store stopped")
+        log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

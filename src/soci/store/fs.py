@@ -68,6 +68,7 @@ class StoreFS(pyfuse3.Operations):
         self._diff_inode: dict[str, int] = {}  # layer digest -> inode of its diff root
         self._started = time.time_ns()
         self.ops = 0
+        self.reads = 0
 
     # -- inode bookkeeping -------------------------------------------------------------
 
@@ -301,6 +302,7 @@ class StoreFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.ops += 1
+        self.reads += 1
         item = self._synthetic.get(fh)
         if item is not None:
             if item.kind == "info":
@@ -324,7 +326,8 @@ class StoreFS(pyfuse3.Operations):
         if data is not None:
             return data
         try:
-            return await trio.to_thread.run_sync(layer.spans.read, node.offset + off, size)
+            return await trio.to_thread.run_sync(layer.spans.read, node.offset + off, size,
+                                                 node.offset + node.size)
         except SociError as e:
             log.warning("layer %s: read failed: %s", layer.digest, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
