@@ -9,6 +9,7 @@ APT_PACKAGES=(
   fuse3 libfuse3-dev                       # the layer filesystem (FUSE)
   flatbuffers-compiler                     # flatc: tests re-read zTOCs independently
   pigz libarchive-tools tar gzip zstd      # other tar and gzip writers the tests use
+  busybox-static                           # a shell and tools inside test images
   podman skopeo buildah docker-registry runc fuse-overlayfs   # images, registry, podman
 )
 

@@ -38,6 +38,18 @@ def files_layer(files: dict[str, bytes]) -> bytes:
     return tar_with_tarfile(nodes, tarfile.PAX_FORMAT)
 
 
+BUSYBOX = "/bin/busybox"
+BUSYBOX_TOOLS = ("sh", "cat", "head", "od", "sha256sum", "wc", "ls")
+
+
+def busybox_layer() -> bytes:
+    """A base layer with the host's static busybox as /bin/sh, cat, head, od, sha256sum..."""
+    nodes = [Node("bin", "dir", mode=0o755),
+             Node("bin/busybox", data=Path(BUSYBOX).read_bytes(), mode=0o755)]
+    nodes += [Node(f"bin/{tool}", "symlink", target="busybox") for tool in BUSYBOX_TOOLS]
+    return tar_with_tarfile(nodes, tarfile.PAX_FORMAT)
+
+
 def big_file(seed: str, size: int) -> bytes:
     """Deterministic content that gzip shrinks only by a quarter (so layers stay large)."""
     noise = hashlib.shake_256(seed.encode()).digest(size * 3 // 4)

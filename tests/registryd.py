@@ -344,6 +344,8 @@ class FaultCounters:
     injected: dict[str, int] = field(default_factory=dict)
     #: ``METHOD path`` of every request, in order (the last 10,000).
     seen: list[str] = field(default_factory=list)
+    #: Response body bytes sent, by request path.
+    sent: dict[str, int] = field(default_factory=dict)
 
 
 _HOP_BY_HOP = frozenset(
@@ -441,7 +443,10 @@ class FaultProxy:
             return
         upstream = http.client.HTTPConnection(LOOPBACK, self._upstream_port, timeout=30)
         try:
-            headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+            # Repeated headers (podman sends one Accept per media type) are joined, not lost.
+            headers = {k: ", ".join(handler.headers.get_all(k) or [])
+                       for k in dict.fromkeys(handler.headers.keys())
+                       if k.lower() not in _HOP_BY_HOP}
             if body is not None:
                 headers["Content-Length"] = str(len(body))
             upstream.request(handler.command, handler.path, body=body, headers=headers)
@@ -470,6 +475,8 @@ class FaultProxy:
                 handler.connection.shutdown(socket.SHUT_RDWR)
             return
         handler.wfile.write(data)
+        with self._lock:
+            self.counters.sent[handler.path] = self.counters.sent.get(handler.path, 0) + len(data)
 
     def __enter__(self) -> FaultProxy:
         owner = self

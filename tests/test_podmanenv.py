@@ -169,12 +169,6 @@ def podman_ok() -> None:
         pytest.fail(f"podman cannot run here: {reason}")
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[registryd.Registry]:
-    with registryd.Registry(workdir=tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
-
-
 class LoggingRegistry(registryd.Registry):
     """A :class:`registryd.Registry` that writes an access log we can read requests from."""
 
@@ -201,13 +195,13 @@ class LoggingRegistry(registryd.Registry):
 
 
 @pytest.fixture(scope="module")
-def logged_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggingRegistry]:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggingRegistry]:
     with LoggingRegistry(workdir=tmp_path_factory.mktemp("registry")) as reg:
         yield reg
 
 
 @pytest.fixture(scope="module")
-def image(registry: registryd.Registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+def image(registry: LoggingRegistry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
     image = write_test_image(
         tmp_path_factory.mktemp("layout"),
         {"etc/hello.txt": b"hello from the registry\n", "data/big": os.urandom(4096) * 8},
@@ -217,7 +211,7 @@ def image(registry: registryd.Registry, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_pull_and_run(
-    podman_ok: None, registry: registryd.Registry, image: BuiltImage, tmp_path: Path,
+    podman_ok: None, registry: LoggingRegistry, image: BuiltImage, tmp_path: Path,
 ) -> None:
     ref = f"{registry.host}/soci/podmanenv:v1"
     with podmanenv.Podman(tmp_path, insecure_registries=[registry.host]) as pm:
@@ -233,9 +227,8 @@ def test_pull_and_run(
 
 
 def test_additional_layer_store_supplies_layer(
-    podman_ok: None, logged_registry: LoggingRegistry, tmp_path: Path,
+    podman_ok: None, registry: LoggingRegistry, tmp_path: Path,
 ) -> None:
-    registry = logged_registry
     image = write_test_image(
         tmp_path / "layout", {"etc/hello.txt": b"hello from the registry\n", "data/x": b"x" * 999},
     )
