@@ -28,6 +28,7 @@ PODMAN = "podman"
 #: Seconds any one podman command may take (pulls of test images are small).
 DEFAULT_TIMEOUT = 120.0
 _CLEANUP_TIMEOUT = 60.0
+_MAX_RUNROOT = 50
 _ULIMITS = ["nofile=20000:20000", "nproc=32768:32768"]
 
 
@@ -206,6 +207,11 @@ class Podman:
         self.dir = Path(tempfile.mkdtemp(prefix="podman-", dir=os.path.abspath(workdir)))
         self.graphroot = self.dir / "root"
         self.runroot = self.dir / "run"
+        if len(str(self.runroot)) > _MAX_RUNROOT:
+            # podman's CLI (which conmon's exit command, `podman container cleanup`, uses)
+            # refuses a --runroot longer than 50 characters: the cleanup then fails and
+            # every `podman run` waits 20 s for it. Use a short private directory instead.
+            self.runroot = Path(tempfile.mkdtemp(prefix="soci-podman-run-", dir="/tmp"))
         self.tmpdir = self.dir / "tmp"
         self.confdir = self.dir / "conf"
         self.home = self.dir / "home"
@@ -220,6 +226,7 @@ class Podman:
             self._write_config()
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.runroot, ignore_errors=True)
             raise
         self.env = self._environment()
 
@@ -353,11 +360,15 @@ class Podman:
     # -- cleanup -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Remove containers and images, unmount everything below our dirs, delete them."""
+        """Remove containers and images, unmount everything below our dirs, delete them.
+
+        Raises only when something stays mounted (the directories are then kept); a failed
+        ``podman rm``/``rmi`` is harmless once the directories holding their state are gone.
+        """
         if self._closed:
             return
         problems: list[str] = []
-        for args in (("rm", "--all", "--force"), ("rmi", "--all", "--force")):
+        for args in (("rm", "--all", "--force", "--time", "0"), ("rmi", "--all", "--force")):
             try:
                 proc = self.command(*args, check=False, timeout=_CLEANUP_TIMEOUT)
                 if proc.returncode != 0:
@@ -365,16 +376,11 @@ class Podman:
             except (OSError, subprocess.TimeoutExpired) as e:
                 problems.append(f"podman {' '.join(args)}: {e}")
         self._closed = True
-        left = unmount_all_under(self.dir)
+        left = unmount_all_under(self.dir, self.runroot)
         if left:
-            problems.append(f"still mounted: {left}")
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-        if problems and not left:
-            # Nothing is left behind: containers/images went with the directory.
-            return
-        if left:
-            raise RuntimeError("; ".join(problems))
+            raise RuntimeError("; ".join([*problems, f"still mounted: {left}"]))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def __enter__(self) -> Podman:
         return self

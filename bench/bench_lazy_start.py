@@ -1,0 +1,155 @@
+"""Lazy start: time until a container's workload finishes, soci-store against plain podman.
+
+The image is a busybox base plus the >= 300 MB /usr/lib layer (make_layer.py).
+The workload reads a few files of it and hashes them. The registry sits behind
+a bandwidth-limited proxy (default 25 MB/s) so loopback does not hide the
+download. Baseline: ``podman pull`` + ``podman run`` with an empty store.
+soci: the SOCI index was created and pushed beforehand (as a CI pipeline
+would); soci-store starts with an empty root, discovers the index through the
+referrers tag, and podman pulls + runs with it as an Additional Layer Store.
+Each variant runs --repeat times from cold; medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
+from bench_create import diff_id  # noqa: E402
+from images import busybox_layer  # noqa: E402
+from podmanenv import Podman  # noqa: E402
+from registryd import Registry  # noqa: E402
+from storeenv import StoreDaemon  # noqa: E402
+from throttle import ThrottledProxy  # noqa: E402
+
+
+def write_layout(root: Path, big_layer: Path) -> None:
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest
+
+    base_tar = busybox_layer()
+    base = gzip.compress(base_tar, mtime=0)
+    big_digest = "sha256:" + hashlib.sha256(big_layer.read_bytes()).hexdigest()
+    shutil.copyfile(big_layer, blobs / big_digest[7:])
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             "sha256:" + hashlib.sha256(base_tar).hexdigest(),
+                             diff_id(str(big_layer))]}}).encode()
+    layer = "application/vnd.oci.image.layer.v1.tar+gzip"
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
+                   "size": len(config)},
+        "layers": [{"mediaType": layer, "digest": put(base), "size": len(base)},
+                   {"mediaType": layer, "digest": big_digest,
+                    "size": big_layer.stat().st_size}]}).encode()
+    digest = put(manifest)
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+
+
+def pull_and_run(podman: Podman, ref: str, command: list[str]) -> tuple[float, bytes]:
+    """Seconds until the workload has printed its result.
+
+    podman's own exit, which can lag by conmon's 20 s timeout on this host, is waited
+    for but not counted.
+    """
+    start = time.perf_counter()
+    podman.pull(ref)
+    proc = subprocess.Popen(["podman", "run", "--rm", "--network=none", "--tls-verify=false",
+                             ref, *command], env=podman.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    elapsed = time.perf_counter() - start
+    proc.stdout.close()
+    proc.wait(timeout=120)
+    return elapsed, line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--layer", default=str(HERE / ".data" / "usrlib.tar.gz"))
+    parser.add_argument("--bandwidth", type=float, default=25.0, help="MB/s")
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    layer = Path(args.layer)
+    if not layer.exists():
+        subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
+    with tarfile.open(layer) as tf:
+        members = [m for m in tf.getmembers() if m.isreg() and 300_000 < m.size < 3_000_000]
+    # The workload: a handful of files spread over the layer, a few MB in all.
+    step = len(members) // 5
+    workload = [members[i * step + step // 2] for i in range(5)]
+    paths = " ".join("/" + m.name for m in workload)
+    command = ["sh", "-c", f"cat {paths} | sha256sum"]
+    soci = str(Path(sys.executable).parent / "soci")
+
+    with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir, Registry() as reg, \
+            ThrottledProxy(reg.host, args.bandwidth * 1e6) as slow:
+        scratch = Path(scratch_dir)
+        write_layout(scratch / "layout", layer)
+        subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
+                        "--dest-tls-verify=false", f"oci:{scratch / 'layout'}:v1",
+                        f"docker://{reg.host}/big:v1"], check=True)
+        build = scratch / "build"
+        for step_args in (["create", "-q"], ["push", "-q"]):
+            subprocess.run([soci, "--plain-http", "--root", str(build), *step_args,
+                            f"{reg.host}/big:v1"], check=True, stdout=subprocess.DEVNULL)
+        ref = f"{slow.host}/big:v1"
+        expected = None
+        plain, lazy = [], []
+        for i in range(args.repeat):
+            with Podman(scratch / f"plain{i}", insecure_registries=[slow.host],
+                        timeout=900) as podman:
+                elapsed, out = pull_and_run(podman, ref, command)
+                plain.append(elapsed)
+            expected = expected or out
+            assert out == expected
+            with StoreDaemon(scratch / f"root{i}", scratch / f"mnt{i}") as store, Podman(
+                scratch / f"lazy{i}", additional_layer_store=str(store.mountpoint),
+                insecure_registries=[slow.host], timeout=900,
+            ) as podman:
+                elapsed, out = pull_and_run(podman, ref, command)
+                lazy.append(elapsed)
+                assert "mounted lazily" in store.logs()
+            assert out == expected
+            fetched = sum(p.stat().st_size for p in (scratch / f"root{i}" / "cache" / "spans")
+                          .iterdir())
+        size = layer.stat().st_size
+        total = sum(m.size for m in workload)
+        print(f"## Lazy start: pull + run reading {len(workload)} files ({total / 1e6:.1f} MB) of "
+              f"a {size / 1e6:.0f} MB layer, registry at {args.bandwidth:.0f} MB/s, "
+              f"median of {args.repeat}")
+        p, s = statistics.median(plain), statistics.median(lazy)
+        print(f"podman pull + run (plain)                {p:7.2f} s")
+        print(f"podman pull + run with soci-store        {s:7.2f} s")
+        print(f"  ratio soci / plain                     {s / p:7.2f}x")
+        print(f"layer bytes fetched by soci-store        {fetched / 1e6:7.1f} MB of "
+              f"{size / 1e6:.0f} MB ({fetched / size:.1%})")
+
+
+if __name__ == "__main__":
+    main()
