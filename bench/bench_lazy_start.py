@@ -16,7 +16,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import subprocess

@@ -9,6 +9,15 @@ through environment variables: ``/etc`` and the caller's environment are left al
 Every subprocess has a timeout. :meth:`Podman.close` removes containers and images, unmounts
 whatever is still mounted under its directories (as read from ``/proc/mounts``) and deletes
 them.
+
+Two things make ``podman run`` hang for 20 s after the container exits on these machines,
+both because conmon's exit command (``podman container cleanup``) fails:
+
+* a runroot longer than 50 characters (podman's CLI refuses such a ``--runroot``): the
+  runroot then lives in a short directory under ``/tmp`` instead of under ``workdir``;
+* ``--log-level=debug``, which makes podman pass ``--syslog`` to the exit command, which
+  fails without ``/dev/log``. Use ``log_level="debug"`` on ``pull`` freely, on ``run`` only
+  when the 20 s do not matter.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -110,45 +118,7 @@ def unmount_all_under(*roots: str | os.PathLike[str]) -> list[str]:
     return mounts_under(*roots)
 
 
-# conmon double-forks, so it is reparented to PID 1 when the container exits. Where PID 1
-# is slow to reap orphans (as in this project's CI VMs), conmon stays a zombie, podman's
-# "is conmon alive" check (kill(pid, 0)) keeps saying yes, and every `podman run` waits
-# for its 20 s conmon timeout. So podman runs under this tiny subreaper: orphans become
-# its children and are reaped at once; it exits with podman's status.
-_REAPER = r"""
-import ctypes, os, signal, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
-    sys.stderr.write("podmanenv reaper: PR_SET_CHILD_SUBREAPER failed\n")
-child = os.fork()
-if child == 0:
-    try:
-        os.execvp(sys.argv[1], sys.argv[1:])
-    finally:
-        os._exit(127)
-for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, lambda s, f: os.kill(child, s))
-while True:
-    try:
-        pid, status = os.waitpid(-1, 0)
-    except ChildProcessError:
-        sys.exit(125)
-    except InterruptedError:
-        continue
-    if pid == child:
-        break
-while True:  # reap orphans that already exited; leave running ones (e.g. run -d) be
-    try:
-        if os.waitpid(-1, os.WNOHANG)[0] == 0:
-            break
-    except ChildProcessError:
-        break
-sys.exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
-         else 128 + os.WTERMSIG(status))
-"""
-
-
-def run_reaped(
+def run_bounded(
     argv: list[str],
     *,
     env: dict[str, str] | None = None,
@@ -156,13 +126,12 @@ def run_reaped(
     input: bytes | None = None,
     timeout: float,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run ``argv`` under a child-subreaper (see ``_REAPER``), capturing its output.
+    """Run ``argv`` in its own process group, capturing its output.
 
-    On timeout the whole process group (reaper, podman and its helpers that did not
-    start their own session) is killed and :class:`subprocess.TimeoutExpired` raised."""
-    full = [sys.executable, "-c", _REAPER, *argv]
+    On timeout the whole group (podman and the helpers that did not start their own
+    session) is killed and :class:`subprocess.TimeoutExpired` raised."""
     with subprocess.Popen(
-        full, env=env, cwd=cwd, start_new_session=True,
+        argv, env=env, cwd=cwd, start_new_session=True,
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     ) as proc:
@@ -322,7 +291,7 @@ class Podman:
         argv = list(args)
         if log_level is not None:
             argv = [f"--log-level={log_level}", *argv]
-        proc = run_reaped(
+        proc = run_bounded(
             [PODMAN, *argv],
             env=self.env,
             cwd=self.dir,

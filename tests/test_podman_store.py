@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from images import big_file, busybox_layer, files_layer, write_image
 from podmanenv import Podman, podman_available
 from registryd import FaultProxy, Registry, push_layout

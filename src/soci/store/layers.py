@@ -142,6 +142,11 @@ class LayerManager:
             log.info("image %s: layer %s is not part of its %s manifest", ref, digest,
                      self.platform)
             return None
+        if position >= len(diff_ids):
+            # containers/storage needs the layer's DiffID (it crashes without one).
+            log.warning("image %s: its config has no diff ID for layer %s; pulled normally",
+                        ref, digest)
+            return None
         found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform))
         if found is None:
             log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref,
@@ -170,7 +175,7 @@ class LayerManager:
         info = {
             "compressed-diff-digest": digest,
             "compressed-size": manifest.layers[position].size,
-            "diff-digest": diff_ids[position] if position < len(diff_ids) else "",
+            "diff-digest": diff_ids[position],
             "compression": _UNCOMPRESSED if layer_media_type in mt.TAR_LAYERS else _GZIP,
         }
         log.info("image %s: layer %s mounted lazily (SOCI index %s found in %s, %d files, "
