@@ -245,3 +245,23 @@ def test_background_fetch_fills_the_layer(env: dict, tmp_path: Path) -> None:
             __import__("time").sleep(0.1)
         total = sum(p.stat().st_size for p in spans.iterdir())
         assert total >= env["layer"]["size"] * 0.9
+
+
+def test_layers_are_found_by_toc_digest_too(env: dict, store: StoreDaemon) -> None:
+    """Newer containers/storage asks by TOC digest (the zTOC's digest for a SOCI layer)."""
+    ztoc = json.loads(subprocess.run(
+        [sys.executable, "-m", "soci.cli", "--root", str(env["root"]), "ztoc", "ls", "--json"],
+        capture_output=True, check=True).stdout)
+    ztoc_digest = next(z["digest"] for z in ztoc if z["layer_digest"] == env["layer"]["digest"])
+    by_toc = store.layer_dir(env["ref"], ztoc_digest)
+    by_blob = store.layer_dir(env["ref"], env["layer"]["digest"])
+    assert (by_toc / "diff" / "etc" / "config").read_bytes() == b"key=value\n"
+    assert os.stat(by_toc / "diff").st_ino == os.stat(by_blob / "diff").st_ino  # one layer
+    info = json.loads((by_toc / "info").read_text())
+    diff_id = "sha256:" + hashlib.sha256(env["tar"]).hexdigest()
+    assert info["toc-digest"] == ztoc_digest and info["diff-size"] == -1
+    assert info["flags"] == {"expected-layer-diffid": diff_id}
+    assert info["compressed-diff-digest"] == env["layer"]["digest"]
+    assert "toc-digest" not in json.loads((by_blob / "info").read_text())
+    with pytest.raises(FileNotFoundError):
+        open(by_toc / "use", "w").close()

@@ -25,6 +25,7 @@ from soci.index.create import (
     LayerOutcome,
     create_index,
 )
+from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
 from soci.oci.verify import sha256_digest
@@ -75,6 +76,15 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
         if done is not None:
             manifest.annotations = {**(manifest.annotations or {}),
                                     mt.ANN_INDEX_DIGEST: done.desc.digest}
+            # Newer containers/storage asks the layer store by TOC digest: name each
+            # indexed layer's zTOC (the layer bytes stay the same blobs).
+            ztocs = {ztoc_layer(z)[0]: z.digest for z in done.index.ztocs()}
+            manifest.layers = [
+                replace(layer, annotations={**(layer.annotations or {}),
+                                            mt.ANN_TOC_DIGEST: ztocs[layer.digest]})
+                if layer.digest in ztocs else layer
+                for layer in manifest.layers
+            ]
         data = manifest.encode()
         new = replace(entry, media_type=mt.OCI_MANIFEST, digest=sha256_digest(data),
                       size=len(data), annotations=manifest.annotations)

@@ -55,5 +55,11 @@ ANN_INDEX_DIGEST = "com.amazon.soci.index-digest"
 EMPTY_JSON = b"{}"
 EMPTY_JSON_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
 
+#: On an image layer descriptor: the digest of the layer's TOC, by which newer
+#: containers/storage (Podman >= 5.1, CRI-O >= 1.31) asks an additional layer store
+#: for the layer. eStargz's key, which upstream SOCI's CRI-O/Podman work reuses; for a
+#: SOCI layer the value is its zTOC's digest.
+ANN_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+
 #: OCI layouts name their images with this annotation.
 ANN_REF_NAME = "org.opencontainers.image.ref.name"

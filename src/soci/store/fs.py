@@ -210,7 +210,8 @@ class StoreFS(pyfuse3.Operations):
             return self._getattr(ino)
         kind = name.decode()
         ino = self._new(parent, name, _Synthetic(kind, item.ref, item.digest,
-                                                 layer.info if kind == "info" else b"", layer))
+                                                 layer.info(item.digest) if kind == "info"
+                                                 else b"", layer))
         return self._getattr(ino)
 
     # -- the store's reference counting ------------------------------------------------
@@ -220,7 +221,7 @@ class StoreFS(pyfuse3.Operations):
                                                            pyfuse3.EntryAttributes]:
         item = self._synthetic.get(parent_inode)
         if item is not None and item.kind == "layerdir" and name == b"use":
-            users = self.manager.use(item.digest)
+            users = self.manager.use(item.ref, item.digest)
             log.info("image %s layer %s: in use (users=%d)", item.ref, item.digest, users)
             raise pyfuse3.FUSEError(errno.ENOENT)
         raise pyfuse3.FUSEError(errno.EROFS)
@@ -228,7 +229,7 @@ class StoreFS(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         item = self._synthetic.get(parent_inode)
         if item is not None and item.kind == "refdir":
-            users = self.manager.release(name.decode(errors="replace"))
+            users = self.manager.release(item.ref, name.decode(errors="replace"))
             log.info("image %s layer %s: released (users=%d)", item.ref,
                      name.decode(errors="replace"), users)
             raise pyfuse3.FUSEError(errno.ENOENT)

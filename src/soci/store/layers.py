@@ -41,9 +41,29 @@ class Layer:
     ref: Reference
     tree: LayerTree
     spans: SpanManager
-    info: bytes
+    ztoc_digest: str
+    diff_id: str
+    compression: int
     users: int = 0
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def info(self, key: str) -> bytes:
+        """containers/storage's Layer JSON, for a lookup by blob digest or by TOC digest.
+
+        Newer containers/storage asks by TOC digest and then wants ``toc-digest`` and the
+        expected diff ID in ``flags`` (``diff-size`` -1: unknown); older versions ask by
+        compressed digest and read the compressed and uncompressed digests.
+        """
+        doc: dict[str, object] = {
+            "compressed-diff-digest": self.digest,
+            "compressed-size": self.size,
+            "diff-digest": self.diff_id,
+            "compression": self.compression,
+        }
+        if key != self.digest:
+            doc.update({"diff-size": -1, "toc-digest": key,
+                        "flags": {"expected-layer-diffid": self.diff_id}})
+        return json.dumps(doc).encode() + b"\n"
 
     def read_blob(self, client: RegistryClient, store: LocalStore, offset: int, size: int) -> bytes:
         """Bytes of the compressed blob: downloaded whole and verified once, then local."""
@@ -70,6 +90,7 @@ class LayerManager:
         self._layers: dict[str, Layer] = {}
         self._resolving: dict[tuple[str, str], threading.Event] = {}
         self._absent: set[tuple[str, str]] = set()
+        self._aliases: dict[tuple[str, str], str] = {}  # (ref, TOC digest) -> blob digest
         self._images: dict[str, tuple[Descriptor, Manifest, list[str]]] = {}
 
     def layers(self) -> list[Layer]:
@@ -102,55 +123,68 @@ class LayerManager:
         self._images[key] = (desc, manifest, diff_ids)
         return desc, manifest, diff_ids
 
-    def get(self, ref_text: str, digest: str) -> Layer | None:
-        """The layer, or None when it is not served lazily (no index, or no zTOC for it)."""
-        key = (ref_text, digest)
+    def get(self, ref_text: str, key: str) -> Layer | None:
+        """The layer for a blob or TOC digest, or None when it is not served lazily."""
+        lookup = (ref_text, key)
         while True:
             with self._lock:
-                layer = self._layers.get(digest)
+                layer = self._layers.get(self._aliases.get(lookup, key))
                 if layer is not None:
                     return layer
-                if key in self._absent:
+                if lookup in self._absent:
                     return None
-                event = self._resolving.get(key)
+                event = self._resolving.get(lookup)
                 if event is None:
-                    event = self._resolving[key] = threading.Event()
+                    event = self._resolving[lookup] = threading.Event()
                     break
             event.wait()
         try:
-            layer = self._resolve(ref_text, digest)
+            layer = self._resolve(ref_text, key)
             with self._lock:
                 if layer is None:
-                    self._absent.add(key)
+                    self._absent.add(lookup)
                 else:
-                    layer = self._layers.setdefault(digest, layer)
+                    layer = self._layers.setdefault(layer.digest, layer)
+                    self._aliases[lookup] = layer.digest
             return layer
         finally:
             with self._lock:
-                self._resolving.pop(key).set()
+                self._resolving.pop(lookup).set()
 
-    def _resolve(self, ref_text: str, digest: str) -> Layer | None:
+    def _resolve(self, ref_text: str, key: str) -> Layer | None:
+        """The layer for a compressed-blob digest or a TOC digest (see ANN_TOC_DIGEST)."""
         try:
             ref = Reference.parse(ref_text)
         except ValueError as e:
             log.warning("image %r: not a valid reference (%s)", ref_text, e)
             return None
         desc, manifest, diff_ids = self._image(ref)
-        position = next((i for i, layer in enumerate(manifest.layers) if layer.digest == digest),
+        position = next((i for i, layer in enumerate(manifest.layers) if layer.digest == key),
                         None)
         if position is None:
-            log.info("image %s: layer %s is not part of its %s manifest", ref, digest,
-                     self.platform)
+            position = next((i for i, layer in enumerate(manifest.layers)
+                             if (layer.annotations or {}).get(mt.ANN_TOC_DIGEST) == key), None)
+        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform))
+        if found is None:
+            log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref, key)
             return None
+        if position is None:  # a TOC digest that only the index knows: the zTOC's own digest
+            layer_digest = next((ztoc_layer(z)[0] for z in found.index.ztocs()
+                                 if z.digest == key), None)
+            position = next((i for i, layer in enumerate(manifest.layers)
+                             if layer.digest == layer_digest), None)
+        if position is None:
+            log.info("image %s: %s is not a layer of its %s manifest", ref, key, self.platform)
+            return None
+        digest = manifest.layers[position].digest
+        with self._lock:
+            shared = self._layers.get(digest)
+        if shared is not None:
+            return shared
         if position >= len(diff_ids):
             # containers/storage needs the layer's DiffID (it crashes without one).
             log.warning("image %s: its config has no diff ID for layer %s; pulled normally",
                         ref, digest)
-            return None
-        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform))
-        if found is None:
-            log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref,
-                     digest)
             return None
         ztoc_desc = next((z for z in found.index.ztocs() if ztoc_layer(z)[0] == digest), None)
         if ztoc_desc is None:
@@ -172,30 +206,25 @@ class LayerManager:
 
         spans = SpanManager(digest, ztoc, fetch, self.memory, self.disk)
         layer_media_type = manifest.layers[position].media_type
-        info = {
-            "compressed-diff-digest": digest,
-            "compressed-size": manifest.layers[position].size,
-            "diff-digest": diff_ids[position],
-            "compression": _UNCOMPRESSED if layer_media_type in mt.TAR_LAYERS else _GZIP,
-        }
         log.info("image %s: layer %s mounted lazily (SOCI index %s found in %s, %d files, "
                  "%d spans)", ref, digest, found.digest, found.where, len(tree), ztoc.span_count)
-        return Layer(digest, manifest.layers[position].size, ref, tree, spans,
-                     json.dumps(info).encode() + b"\n")
+        return Layer(digest, manifest.layers[position].size, ref, tree, spans, ztoc_desc.digest,
+                     diff_ids[position],
+                     _UNCOMPRESSED if layer_media_type in mt.TAR_LAYERS else _GZIP)
 
     # -- reference counting (containers/storage's "use" and rmdir) ----------------------
 
-    def use(self, digest: str) -> int:
+    def use(self, ref_text: str, key: str) -> int:
         with self._lock:
-            layer = self._layers.get(digest)
+            layer = self._layers.get(self._aliases.get((ref_text, key), key))
             if layer is None:
                 return 0
             layer.users += 1
             return layer.users
 
-    def release(self, digest: str) -> int:
+    def release(self, ref_text: str, key: str) -> int:
         with self._lock:
-            layer = self._layers.get(digest)
+            layer = self._layers.get(self._aliases.get((ref_text, key), key))
             if layer is None:
                 return 0
             layer.users = max(layer.users - 1, 0)
