@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from registryd import free_port
+
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     target = os.path.realpath(path)
@@ -30,6 +32,7 @@ class StoreDaemon:
             f"[background_fetch]\ndisable = {'false' if background else 'true'}\n"
             f"silence_period_msec = {silence}\nfetch_period_msec = 10\n" + extra_config)
         self.log = root.parent / f"{root.name}-store.log"
+        self.metrics_address = f"127.0.0.1:{free_port()}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreDaemon:
@@ -38,7 +41,8 @@ class StoreDaemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", "from soci.store.daemon import main; main()",
-                 "--config", str(self.config), "--log-level", "debug", str(self.mountpoint)],
+                 "--config", str(self.config), "--log-level", "debug",
+                 "--metrics-address", self.metrics_address, str(self.mountpoint)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not (is_mounted(self.mountpoint) and b"serving" in self.log.read_bytes()[start:]):

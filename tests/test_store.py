@@ -265,3 +265,30 @@ def test_layers_are_found_by_toc_digest_too(env: dict, store: StoreDaemon) -> No
     assert "toc-digest" not in json.loads((by_blob / "info").read_text())
     with pytest.raises(FileNotFoundError):
         open(by_toc / "use", "w").close()
+
+
+def test_metrics_and_status(env: dict, store: StoreDaemon) -> None:
+    diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
+    assert (diff / "data/big7.bin").read_bytes() == BIG["data/big7.bin"]
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{store.metrics_address}/metrics").read().decode()
+    digest = env["layer"]["digest"]
+    fetched = [line for line in text.splitlines()
+               if line.startswith(f'soci_layer_fetched_bytes_total{{layer="{digest}"}}')]
+    assert fetched and float(fetched[0].split()[-1]) > 0
+    assert 'soci_fuse_operations_total{op="read"}' in text
+    assert 'soci_fuse_operation_seconds_bucket{op="read",le="+Inf"}' in text
+    assert 'soci_span_cache_hits_total{cache="memory"}' in text
+    assert "soci_span_verification_failures_total" in text
+    out = subprocess.run([sys.executable, "-m", "soci.cli", "store", "status", "--address",
+                          store.metrics_address], capture_output=True, text=True, check=True)
+    assert env["ref"] in out.stdout and digest[:19] in out.stdout
+    doc = json.loads(subprocess.run(
+        [sys.executable, "-m", "soci.cli", "store", "status", "--json", "--address",
+         store.metrics_address], capture_output=True, check=True).stdout)
+    layer = next(la for la in doc["layers"] if la["layer"] == digest)
+    assert 0 < layer["fetched_fraction"] <= 1 and layer["files"] > 10
+    proc = subprocess.run([sys.executable, "-m", "soci.cli", "store", "status", "--address",
+                           "127.0.0.1:1"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no soci-store status" in proc.stderr

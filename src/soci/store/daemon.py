@@ -28,6 +28,10 @@ from soci.registry import RegistryClient
 from soci.store.config import StoreConfig, load_store_config
 from soci.store.fs import StoreFS
 from soci.store.layers import LayerManager
+from soci.store.metrics import Metrics, serve_http
+
+#: Where /metrics and /status are served unless told otherwise (soci store status reads it).
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:8091"
 
 log = logging.getLogger("soci.store")
 
@@ -100,7 +104,8 @@ class BackgroundFetcher(threading.Thread):
                 break
 
 
-def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> None:
+def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
+          metrics_address: str | None = None) -> None:
     os.makedirs(mountpoint, exist_ok=True)
     cleanup_stale_mount(mountpoint)
     store = LocalStore(config.root)
@@ -108,8 +113,9 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> Non
                             timeout=config.fetching_timeout_sec)
     memory = MemoryCache(config.memory_bytes)
     disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
-    manager = LayerManager(store, client, memory, disk)
-    fs = StoreFS(manager, config)
+    metrics = Metrics()
+    manager = LayerManager(store, client, memory, disk, metrics=metrics)
+    fs = StoreFS(manager, config, metrics)
     options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
     if debug_fuse:
         options.add("debug")
@@ -118,6 +124,9 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> Non
     if not config.background_fetch.disable:
         fetcher = BackgroundFetcher(manager, config)
         fetcher.start()
+    http_server = None
+    if metrics_address:
+        http_server = serve_http(metrics_address, metrics, manager, os.path.abspath(mountpoint))
     log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
 
     async def main() -> None:
@@ -134,6 +143,8 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> Non
     finally:
         if fetcher is not None:
             fetcher.stopped.set()
+        if http_server is not None:
+            http_server.shutdown()
         pyfuse3.close(unmount=True)
         store.close()
         log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
@@ -150,9 +161,11 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False) -> Non
               default="info", show_default=True)
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of key=value.")
 @click.option("--plain-http", is_flag=True, help="Talk plain HTTP to every registry.")
+@click.option("--metrics-address", default=DEFAULT_METRICS_ADDRESS, show_default=True,
+              help="host:port for Prometheus /metrics and the JSON /status ('' turns it off).")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 def cli(mountpoint: str, root: str | None, config_path: str | None, log_level: str,
-        log_json: bool, plain_http: bool, debug_fuse: bool) -> None:
+        log_json: bool, plain_http: bool, metrics_address: str, debug_fuse: bool) -> None:
     """Mount soci's FUSE Additional Layer Store at MOUNTPOINT for podman/containers-storage."""
     setup_logging(log_level, log_json)
     try:
@@ -161,7 +174,7 @@ def cli(mountpoint: str, root: str | None, config_path: str | None, log_level: s
             config.root = root
         if plain_http:
             config.plain_http = True
-        serve(mountpoint, config, debug_fuse)
+        serve(mountpoint, config, debug_fuse, metrics_address)
     except SociError as e:
         raise click.ClickException(str(e)) from None
     except RuntimeError as e:  # pyfuse3.init failures (no /dev/fuse, busy mountpoint)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import logging
 import os
 import stat
@@ -33,6 +34,7 @@ from soci.fs.tree import ROOT as TREE_ROOT
 from soci.fs.tree import Node
 from soci.store.config import StoreConfig
 from soci.store.layers import Layer, LayerManager
+from soci.store.metrics import Metrics
 
 log = logging.getLogger("soci.store.fs")
 
@@ -51,15 +53,30 @@ class _Synthetic:
     layer: Layer | None = None
 
 
+def _timed(op: str):
+    """Count and time a FUSE operation in the store's metrics."""
+
+    def decorate(handler):
+        @functools.wraps(handler)
+        async def timed(self: StoreFS, *args: object) -> object:
+            with self.metrics.fuse_op(op):
+                return await handler(self, *args)
+
+        return timed
+
+    return decorate
+
+
 class StoreFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, manager: LayerManager, config: StoreConfig) -> None:
+    def __init__(self, manager: LayerManager, config: StoreConfig, metrics: Metrics) -> None:
         super().__init__()
         self.manager = manager
         self.config = config
+        self.metrics = metrics
         self._next = pyfuse3.ROOT_INODE + 1
         self._synthetic: dict[int, _Synthetic] = {}
         self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
@@ -148,12 +165,14 @@ class StoreFS(pyfuse3.Operations):
         _, node, _ = found
         return self._node_attr(ino, node)
 
+    @_timed("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.ops += 1
         return self._getattr(inode)
 
     # -- lookup ------------------------------------------------------------------------
 
+    @_timed("lookup")
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.ops += 1
@@ -216,6 +235,7 @@ class StoreFS(pyfuse3.Operations):
 
     # -- the store's reference counting ------------------------------------------------
 
+    @_timed("create")
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
@@ -226,6 +246,7 @@ class StoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_timed("rmdir")
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         item = self._synthetic.get(parent_inode)
         if item is not None and item.kind == "refdir":
@@ -244,6 +265,7 @@ class StoreFS(pyfuse3.Operations):
 
     # -- directories -------------------------------------------------------------------
 
+    @_timed("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self.ops += 1
         if inode in self._children:
@@ -253,6 +275,7 @@ class StoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_timed("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.ops += 1
         if fh in self._children:
@@ -279,6 +302,7 @@ class StoreFS(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------------------
 
+    @_timed("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         self.ops += 1
         item = self._synthetic.get(inode)
@@ -289,6 +313,7 @@ class StoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return found[1].target
 
+    @_timed("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.ops += 1
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -301,6 +326,7 @@ class StoreFS(pyfuse3.Operations):
         # The layer never changes: keep the kernel's page cache across opens.
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @_timed("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.ops += 1
         self.reads += 1
@@ -341,6 +367,7 @@ class StoreFS(pyfuse3.Operations):
 
     # -- xattrs and statfs -------------------------------------------------------------
 
+    @_timed("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         found = self._tree(inode)
         value = (found[1].xattrs or {}).get(name) if found else None
@@ -348,10 +375,12 @@ class StoreFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
+    @_timed("listxattr")
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         found = self._tree(inode)
         return list((found[1].xattrs or {}).keys()) if found else []
 
+    @_timed("statfs")
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = _BLOCK

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 
 from soci.artifacts import LocalStore
-from soci.errors import NotFoundError, SociError
+from soci.errors import NotFoundError, RegistryError, SociError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fs.spans import SpanManager
 from soci.fs.tree import LayerTree
@@ -23,6 +23,7 @@ from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
 from soci.registry import Reference, RegistryClient
+from soci.store.metrics import Metrics
 from soci.ztoc import decode
 
 log = logging.getLogger("soci.store")
@@ -80,8 +81,10 @@ class Layer:
 
 class LayerManager:
     def __init__(self, store: LocalStore, client: RegistryClient, memory: MemoryCache,
-                 disk: DiskCache | None, platform: Platform | None = None) -> None:
+                 disk: DiskCache | None, platform: Platform | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.client = client
         self.memory = memory
         self.disk = disk
@@ -202,7 +205,12 @@ class LayerManager:
             return None
 
         def fetch(start: int, end: int) -> bytes:
-            return self.client.get_blob_range(ref, digest, start, end)
+            try:
+                return self.client.get_blob_range(ref, digest, start, end)
+            except RegistryError as e:
+                if self.metrics is not None:
+                    self.metrics.registry_error(e.status or "connection")
+                raise
 
         spans = SpanManager(digest, ztoc, fetch, self.memory, self.disk)
         layer_media_type = manifest.layers[position].media_type
