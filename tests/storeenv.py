@@ -23,7 +23,8 @@ class StoreDaemon:
     """``soci-store`` on ``mountpoint`` with its own root and config; stopped with SIGTERM."""
 
     def __init__(self, root: Path, mountpoint: Path, *, background: bool = False,
-                 extra_config: str = "") -> None:
+                 extra_config: str = "", env: dict[str, str] | None = None) -> None:
+        self.env = env
         self.root, self.mountpoint = root, mountpoint
         self.config = root.parent / f"{root.name}-store.toml"
         silence = "100" if background else "30000"
@@ -43,7 +44,7 @@ class StoreDaemon:
                 [sys.executable, "-c", "from soci.store.daemon import main; main()",
                  "--config", str(self.config), "--log-level", "debug",
                  "--metrics-address", self.metrics_address, str(self.mountpoint)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         deadline = time.monotonic() + 20
         while not (is_mounted(self.mountpoint) and b"serving" in self.log.read_bytes()[start:]):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
 import click
 
-from soci.cli.context import one_line_errors
+from soci.cli.context import App, one_line_errors, pass_app
 from soci.cli.output import emit_json, human_size, table
 from soci.errors import SociError
+from soci.store.credentials import send_credentials
 from soci.store.daemon import DEFAULT_METRICS_ADDRESS
 
 
@@ -39,3 +41,24 @@ def status(address: str, as_json: bool) -> None:
           [(la["image"], la["layer"][:19], la["files"], la["spans"],
             f"{la['fetched_fraction']:.0%}", human_size(la["fetched_bytes"]), la["users"])
            for la in doc["layers"]])
+
+
+@store.command("credentials")
+@click.argument("ref")
+@click.option("-u", "--username", required=True)
+@click.option("--password-stdin", is_flag=True, required=True,
+              help="Read the password (or token) from standard input.")
+@click.option("--socket", "socket_path", default=None,
+              help="The store's credentials socket [default: ROOT/credentials.sock].")
+@pass_app
+@one_line_errors
+def credentials(app: App, ref: str, username: str, password_stdin: bool,
+                socket_path: str | None) -> None:
+    """Hand registry credentials for REF's repository to a running soci-store."""
+    password = click.get_text_stream("stdin").read().rstrip("\n")
+    path = socket_path or os.path.join(app.config.root, "credentials.sock")
+    try:
+        send_credentials(path, ref, username, password)
+    except (OSError, ValueError) as e:
+        raise SociError(f"soci-store did not take the credentials ({path}): {e}") from None
+    click.echo(f"credentials for {ref} handed to soci-store")

@@ -202,6 +202,16 @@ class CredentialStore:
                 self._cache[key] = self._lookup(registry, repository)
             return self._cache[key]
 
+    def put(self, key: str, credentials: Credentials) -> None:
+        """Use ``credentials`` for ``key`` (``host`` or ``host/repository``) from now on, before
+        any auth file (the store's credentials socket calls this)."""
+        normalized = normalize_key(key)
+        with self._lock:
+            self._explicit[normalized] = credentials
+            registry = normalized.split("/", 1)[0]
+            for cached in [k for k in self._cache if k[0] == registry]:
+                del self._cache[cached]
+
     def forget(self, registry: str) -> None:
         """Drop cached answers for ``registry`` (after they were rejected, say)."""
         with self._lock:

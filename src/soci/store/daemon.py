@@ -24,8 +24,9 @@ from soci import __version__
 from soci.artifacts import LocalStore
 from soci.errors import SociError
 from soci.fs.cache import DiskCache, MemoryCache
-from soci.registry import RegistryClient
+from soci.registry import CredentialStore, RegistryClient
 from soci.store.config import StoreConfig, load_store_config
+from soci.store.credentials import serve_credentials
 from soci.store.fs import StoreFS
 from soci.store.layers import LayerManager
 from soci.store.metrics import Metrics, serve_http
@@ -105,12 +106,15 @@ class BackgroundFetcher(threading.Thread):
 
 
 def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
-          metrics_address: str | None = None) -> None:
+          metrics_address: str | None = None, credentials_socket: str | None = None) -> None:
     os.makedirs(mountpoint, exist_ok=True)
     cleanup_stale_mount(mountpoint)
     store = LocalStore(config.root)
+    keychain = CredentialStore()
     client = RegistryClient(plain_http=config.plain_http, retries=config.max_retries,
-                            timeout=config.fetching_timeout_sec)
+                            timeout=config.fetching_timeout_sec, credentials=keychain)
+    socket_path = credentials_socket or os.path.join(config.root, "credentials.sock")
+    credentials_server = serve_credentials(socket_path, keychain)
     memory = MemoryCache(config.memory_bytes)
     disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
     metrics = Metrics()
@@ -145,6 +149,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
             fetcher.stopped.set()
         if http_server is not None:
             http_server.shutdown()
+        credentials_server.close()
         pyfuse3.close(unmount=True)
         store.close()
         log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
@@ -163,9 +168,13 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
 @click.option("--plain-http", is_flag=True, help="Talk plain HTTP to every registry.")
 @click.option("--metrics-address", default=DEFAULT_METRICS_ADDRESS, show_default=True,
               help="host:port for Prometheus /metrics and the JSON /status ('' turns it off).")
+@click.option("--credentials-socket", type=click.Path(dir_okay=False), default=None,
+              help="Unix socket (root only) for executors to hand over registry credentials "
+                   "[default: ROOT/credentials.sock].")
 @click.option("--debug-fuse", is_flag=True, hidden=True)
 def cli(mountpoint: str, root: str | None, config_path: str | None, log_level: str,
-        log_json: bool, plain_http: bool, metrics_address: str, debug_fuse: bool) -> None:
+        log_json: bool, plain_http: bool, metrics_address: str,
+        credentials_socket: str | None, debug_fuse: bool) -> None:
     """Mount soci's FUSE Additional Layer Store at MOUNTPOINT for podman/containers-storage."""
     setup_logging(log_level, log_json)
     try:
@@ -174,7 +183,7 @@ def cli(mountpoint: str, root: str | None, config_path: str | None, log_level: s
             config.root = root
         if plain_http:
             config.plain_http = True
-        serve(mountpoint, config, debug_fuse, metrics_address)
+        serve(mountpoint, config, debug_fuse, metrics_address, credentials_socket)
     except SociError as e:
         raise click.ClickException(str(e)) from None
     except RuntimeError as e:  # pyfuse3.init failures (no /dev/fuse, busy mountpoint)
