@@ -292,3 +292,44 @@ def test_metrics_and_status(env: dict, store: StoreDaemon) -> None:
     proc = subprocess.run([sys.executable, "-m", "soci.cli", "store", "status", "--address",
                            "127.0.0.1:1"], capture_output=True, text=True)
     assert proc.returncode == 1 and "no soci-store status" in proc.stderr
+
+
+def test_hostile_ztoc_is_refused_and_others_keep_serving(env: dict, tmp_path: Path) -> None:
+    from soci.artifacts import LocalStore
+    from soci.index.model import SociIndex
+    from soci.oci.descriptor import Descriptor
+    from soci.ztoc import decode, encode
+
+    root = tmp_path / "root"
+    soci(root, "create", "--span-size", "1048576", env["ref"])
+    other_layout = tmp_path / "other"
+    write_image(other_layout, "v1", [files_layer({"ok/file": b"still serving\n" * 1000})])
+    push_layout(other_layout, env["registry"].host, "other:v1", tag="v1")
+    other_ref = f"{env['registry'].host}/other:v1"
+    soci(root, "create", "--min-layer-size", "0", other_ref)
+    other_layer = json.loads(subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{other_ref}"],
+        capture_output=True, check=True).stdout)["layers"][0]["digest"]
+
+    # Rewrite the rich image's index so its zTOC claims a file beyond the end of the layer.
+    with LocalStore(root) as store:
+        manifest_digest, index_digest = next(
+            (m, i) for m, i in store.mappings.items()
+            if SociIndex.parse(store.content.read_blob(i)).ztocs()[0].annotations[
+                "com.amazon.soci.image-layer-digest"] == env["layer"]["digest"])
+        index = SociIndex.parse(store.content.read_blob(index_digest))
+        good = index.blobs[0]
+        z = decode(store.content.read_blob(good.digest))
+        z.entries[3].offset = z.uncompressed_size + 4096
+        bad = encode(z)
+        bad_digest = store.content.write_blob(bad)
+        index.blobs = [Descriptor(good.media_type, bad_digest, len(bad), good.annotations)]
+        store.mappings.put(manifest_digest, store.content.write_blob(index.encode()))
+
+    with StoreDaemon(root, tmp_path / "mnt") as daemon:
+        with pytest.raises(FileNotFoundError):
+            os.listdir(daemon.layer_dir(env["ref"], env["layer"]["digest"]) / "diff")
+        assert "refused" in daemon.logs() and "outside the layer" in daemon.logs()
+        diff = daemon.layer_dir(other_ref, other_layer) / "diff"
+        assert (diff / "ok" / "file").read_bytes() == b"still serving\n" * 1000
+        assert daemon.proc is not None and daemon.proc.poll() is None

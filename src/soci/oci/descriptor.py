@@ -88,9 +88,11 @@ class Platform:
             value.get("architecture"), str
         ):
             raise ManifestError("platform needs string 'os' and 'architecture'")
-        features = value.get("os.features") or ()
-        return cls(value["os"], value["architecture"], str(value.get("variant") or ""),
-                   str(value.get("os.version") or ""), tuple(str(f) for f in features))
+        features = value.get("os.features") or []
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ManifestError("platform has invalid os.features")
+        return cls(value["os"], value["architecture"], _string(value, "variant", "platform"),
+                   _string(value, "os.version", "platform"), tuple(features))
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,25 +127,40 @@ class Descriptor:
         size = value.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestError(f"{what} has an invalid size {size!r}")
-        media_type = value.get("mediaType", "")
-        if not isinstance(media_type, str):
-            raise ManifestError(f"{what} has an invalid mediaType")
-        annotations = value.get("annotations")
-        if annotations is not None and not (
-            isinstance(annotations, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())
-        ):
-            raise ManifestError(f"{what} has invalid annotations")
+        urls = value.get("urls") or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ManifestError(f"{what} has invalid urls")
         platform = value.get("platform")
         return cls(
-            media_type,
+            _string(value, "mediaType", what),
             check_digest(value.get("digest"), f"{what} digest"),
             size,
-            dict(annotations) if annotations else None,
+            _annotations(value, what),
             Platform.from_json(platform) if platform is not None else None,
-            str(value.get("artifactType") or ""),
-            tuple(value.get("urls") or ()),
+            _string(value, "artifactType", what),
+            tuple(urls),
         )
+
+
+def _string(doc: dict[str, Any], key: str, what: str) -> str:
+    """An optional string field ("" when absent); anything else is malformed."""
+    value = doc.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ManifestError(f"{what} has a non-string {key!r}")
+    return value
+
+
+def _annotations(doc: dict[str, Any], what: str) -> dict[str, str] | None:
+    value = doc.get("annotations")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ManifestError(f"{what} has invalid annotations")
+    return dict(value) or None
 
 
 def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -171,7 +188,7 @@ class Manifest:
     @classmethod
     def parse(cls, data: bytes, media_type: str = "") -> Manifest:
         doc = parse_json_object(data, "manifest")
-        declared = doc.get("mediaType") or media_type or mt.OCI_MANIFEST
+        declared = _string(doc, "mediaType", "manifest") or media_type or mt.OCI_MANIFEST
         if declared not in mt.MANIFESTS:
             raise ManifestError(f"not an image manifest (mediaType {declared!r})")
         if doc.get("schemaVersion") != 2:
@@ -185,8 +202,8 @@ class Manifest:
             Descriptor.from_json(doc.get("config"), "manifest config"),
             [Descriptor.from_json(layer, f"layer {i}") for i, layer in enumerate(layers)],
             Descriptor.from_json(subject, "subject") if subject is not None else None,
-            dict(doc["annotations"]) if isinstance(doc.get("annotations"), dict) else None,
-            str(doc.get("artifactType") or ""),
+            _annotations(doc, "manifest"),
+            _string(doc, "artifactType", "manifest"),
             doc,
         )
 
@@ -221,7 +238,7 @@ class Index:
     @classmethod
     def parse(cls, data: bytes, media_type: str = "") -> Index:
         doc = parse_json_object(data, "image index")
-        declared = doc.get("mediaType") or media_type or mt.OCI_INDEX
+        declared = _string(doc, "mediaType", "image index") or media_type or mt.OCI_INDEX
         if declared not in mt.INDEXES:
             raise ManifestError(f"not an image index (mediaType {declared!r})")
         manifests = doc.get("manifests")
@@ -231,9 +248,9 @@ class Index:
         return cls(
             declared,
             [Descriptor.from_json(m, f"index entry {i}") for i, m in enumerate(manifests)],
-            dict(doc["annotations"]) if isinstance(doc.get("annotations"), dict) else None,
+            _annotations(doc, "image index"),
             Descriptor.from_json(subject, "subject") if subject is not None else None,
-            str(doc.get("artifactType") or ""),
+            _string(doc, "artifactType", "image index"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -255,8 +272,8 @@ class Index:
 def media_type_of(data: bytes, fallback: str = "") -> str:
     """The mediaType a manifest or index declares, or what its shape implies."""
     doc = parse_json_object(data, "manifest")
-    declared = doc.get("mediaType")
-    if isinstance(declared, str) and declared:
+    declared = _string(doc, "mediaType", "manifest")
+    if declared:
         return declared
     if fallback:
         return fallback

@@ -25,6 +25,7 @@ from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
 from soci.registry import Reference, RegistryClient
 from soci.store.metrics import Metrics
 from soci.ztoc import decode
+from soci.ztoc.codec import check as check_ztoc
 
 log = logging.getLogger("soci.store")
 
@@ -196,6 +197,7 @@ class LayerManager:
             return None
         try:
             ztoc = decode(self.store.content.read_blob(ztoc_desc.digest))
+            check_ztoc(ztoc)
             if ztoc.compressed_size != manifest.layers[position].size:
                 raise SociError("zTOC describes a layer of another size")
             tree = LayerTree(ztoc)

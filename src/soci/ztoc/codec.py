@@ -48,3 +48,33 @@ def decode(data: bytes) -> Ztoc:
 
 def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+#: Limits that no real layer reaches and that keep a hostile zTOC from exhausting memory.
+MAX_ENTRIES = 5_000_000
+MAX_NAME = 4096
+_TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "char", "block", "fifo"})
+
+
+def check(ztoc: Ztoc) -> None:
+    """Refuse a zTOC that could make a reader misbehave (before serving from it).
+
+    Checks sizes, entry count, each entry's type, name length and data range, and the
+    span geometry (checkpoints inside the layer, one digest per span).
+    """
+    from soci.ztoc.zinfo import zinfo_of  # the geometry checks live with the geometry
+
+    if ztoc.compressed_size <= 0 or ztoc.uncompressed_size < 0:
+        raise ZtocFormatError("zTOC has impossible layer sizes")
+    if len(ztoc.entries) > MAX_ENTRIES:
+        raise ZtocFormatError(f"zTOC lists {len(ztoc.entries)} entries (limit {MAX_ENTRIES})")
+    for e in ztoc.entries:
+        if e.type not in _TYPES:
+            raise ZtocFormatError(f"zTOC entry {e.name[:100]!r} has unknown type {e.type!r}")
+        if len(e.name) > MAX_NAME or len(e.linkname) > MAX_NAME:
+            raise ZtocFormatError(f"zTOC entry {e.name[:100]!r}... has an absurdly long name")
+        if e.offset < 0 or e.size < 0 or (
+            e.type == "reg" and e.offset + e.size > ztoc.uncompressed_size
+        ):
+            raise ZtocFormatError(f"zTOC entry {e.name[:100]!r} lies outside the layer")
+    zinfo_of(ztoc)
