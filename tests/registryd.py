@@ -330,11 +330,12 @@ class Registry:
 class Fault:
     """What to do to the next ``count`` requests whose ``METHOD path`` contains ``match``."""
 
-    kind: str  # "status", "drop" or "corrupt"
+    kind: str  # "status", "drop", "corrupt" or "stall"
     count: int
     match: str = ""
     status: int = 503
     retry_after: str | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -395,6 +396,10 @@ class FaultProxy:
     def corrupt(self, count: int, *, match: str = "") -> None:
         self._add(Fault("corrupt", count, match))
 
+    def stall(self, count: int, seconds: float, *, match: str = "") -> None:
+        """Hold the next ``count`` matching requests for ``seconds`` before answering."""
+        self._add(Fault("stall", count, match, seconds=seconds))
+
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
@@ -427,6 +432,9 @@ class FaultProxy:
             self.counters.seen.append(request_line)
             del self.counters.seen[:-10_000]
         body = _read_request_body(handler)
+        stall = self._take(request_line, ("stall",))
+        if stall is not None:
+            time.sleep(min(stall.seconds, 30.0))
         fault = self._take(request_line, ("status",))
         if fault is not None:
             payload = json.dumps(
