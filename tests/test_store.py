@@ -333,3 +333,21 @@ def test_hostile_ztoc_is_refused_and_others_keep_serving(env: dict, tmp_path: Pa
         diff = daemon.layer_dir(other_ref, other_layer) / "diff"
         assert (diff / "ok" / "file").read_bytes() == b"still serving\n" * 1000
         assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_systemd_readiness_notification(env: dict, tmp_path: Path) -> None:
+    import socket as socketlib
+
+    path = str(tmp_path / "notify.sock")
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(20)
+    daemon = StoreDaemon(env["root"], tmp_path / "mnt",
+                         env={**os.environ, "NOTIFY_SOCKET": path})
+    with daemon, listener:
+        message = listener.recv(4096).decode()
+        assert message.startswith("READY=1")
+        daemon.stop()
+        assert listener.recv(4096).decode() == "STOPPING=1"
+    unit = (Path(__file__).parent.parent / "packaging" / "soci-store.service").read_text()
+    assert "Type=notify" in unit and "soci-store" in unit

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +54,20 @@ def setup_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state, when started by it; otherwise nothing."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as e:
+        log.warning("sd_notify %s failed: %s", state, e)
 
 
 def cleanup_stale_mount(mountpoint: str) -> None:
@@ -132,6 +147,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
     if metrics_address:
         http_server = serve_http(metrics_address, metrics, manager, os.path.abspath(mountpoint))
     log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
+    sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -145,6 +161,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
     try:
         trio.run(main)
     finally:
+        sd_notify("STOPPING=1")
         if fetcher is not None:
             fetcher.stopped.set()
         if http_server is not None:
