@@ -24,6 +24,7 @@ import http.server
 import io
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -374,6 +375,9 @@ class FaultProxy:
             raise ValueError("FaultProxy only forwards to 127.0.0.1")
         self._upstream_port = int(port)
         self._faults: list[Fault] = []
+        self._drop_rate = 0.0
+        self._drop_match = ""
+        self._random = random.Random(0)
         self._lock = threading.Lock()
         self.counters = FaultCounters()
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -400,9 +404,15 @@ class FaultProxy:
         """Hold the next ``count`` matching requests for ``seconds`` before answering."""
         self._add(Fault("stall", count, match, seconds=seconds))
 
+    def drop_rate(self, probability: float, *, match: str = "") -> None:
+        """From now on drop each matching response mid-body with this probability."""
+        with self._lock:
+            self._drop_rate, self._drop_match = probability, match
+
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._drop_rate = 0.0
 
     def injected(self, kind: str) -> int:
         with self._lock:
@@ -466,6 +476,11 @@ class FaultProxy:
         finally:
             upstream.close()
         damage = self._take(request_line, ("drop", "corrupt")) if data else None
+        if damage is None and data and self._drop_match in request_line:
+            with self._lock:
+                if self._random.random() < self._drop_rate:
+                    damage = Fault("drop", 0)
+                    self.counters.injected["drop"] = self.counters.injected.get("drop", 0) + 1
         if damage is not None and damage.kind == "corrupt":
             middle = len(data) // 2
             data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]

@@ -8,6 +8,8 @@
     [blob]
     fetching_timeout_sec = 300    # per registry request
     max_retries = 5
+    min_wait_msec = 30            # retry backoff: first wait ...
+    max_wait_msec = 300           # ... growing to at most this
 
     [fuse]
     attr_timeout = 3600           # the layers are immutable: let the kernel cache
@@ -41,6 +43,8 @@ class StoreConfig:
     background_fetch: BackgroundFetch = field(default_factory=BackgroundFetch)
     fetching_timeout_sec: float = 300.0
     max_retries: int = 5
+    min_wait_msec: int = 30
+    max_wait_msec: int = 300
     attr_timeout: float = 3600.0
     entry_timeout: float = 3600.0
     memory_bytes: int = 512 << 20
@@ -72,6 +76,8 @@ def load_store_config(path: str | None = None) -> StoreConfig:
     cfg.fetching_timeout_sec = _get(doc, "blob", "fetching_timeout_sec", float,
                                     cfg.fetching_timeout_sec)
     cfg.max_retries = _get(doc, "blob", "max_retries", int, cfg.max_retries)
+    cfg.min_wait_msec = _get(doc, "blob", "min_wait_msec", int, cfg.min_wait_msec)
+    cfg.max_wait_msec = _get(doc, "blob", "max_wait_msec", int, cfg.max_wait_msec)
     cfg.attr_timeout = _get(doc, "fuse", "attr_timeout", float, cfg.attr_timeout)
     cfg.entry_timeout = _get(doc, "fuse", "entry_timeout", float, cfg.entry_timeout)
     cfg.memory_bytes = _get(doc, "cache", "memory_mb", int, cfg.memory_bytes >> 20) << 20

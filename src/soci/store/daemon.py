@@ -127,7 +127,9 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
     store = LocalStore(config.root)
     keychain = CredentialStore()
     client = RegistryClient(plain_http=config.plain_http, retries=config.max_retries,
-                            timeout=config.fetching_timeout_sec, credentials=keychain)
+                            timeout=config.fetching_timeout_sec, credentials=keychain,
+                            backoff=config.min_wait_msec / 1000,
+                            max_backoff=config.max_wait_msec / 1000)
     socket_path = credentials_socket or os.path.join(config.root, "credentials.sock")
     credentials_server = serve_credentials(socket_path, keychain)
     memory = MemoryCache(config.memory_bytes)
