@@ -39,7 +39,7 @@ def files_layer(files: dict[str, bytes]) -> bytes:
 
 
 BUSYBOX = "/bin/busybox"
-BUSYBOX_TOOLS = ("sh", "cat", "head", "od", "sha256sum", "wc", "ls")
+BUSYBOX_TOOLS = ("sh", "cat", "head", "od", "sha256sum", "wc", "ls", "sleep")
 
 
 def busybox_layer() -> bytes:
