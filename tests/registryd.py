@@ -76,6 +76,26 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+def _serve_in_thread(
+    handler: type[http.server.BaseHTTPRequestHandler],
+) -> tuple[http.server.ThreadingHTTPServer, threading.Thread, int]:
+    """A threaded HTTP server on a free loopback port, serving until _stop_server."""
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, thread, int(server.server_address[1])
+
+
+def _stop_server(server: http.server.ThreadingHTTPServer | None,
+                 thread: threading.Thread | None) -> None:
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    if thread is not None:
+        thread.join(timeout=5)
+
+
 class TokenServer:
     """A minimal docker token server: GET /token?service=...&scope=... with optional Basic.
 
@@ -199,19 +219,11 @@ class TokenServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server, self._thread, self.port = _serve_in_thread(Handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        _stop_server(self._server, self._thread)
         self._tmp.cleanup()
 
 
@@ -515,19 +527,11 @@ class FaultProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server, self._thread, self.port = _serve_in_thread(Handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        _stop_server(self._server, self._thread)
 
 
 def _read_request_body(handler: http.server.BaseHTTPRequestHandler) -> bytes | None:

@@ -173,6 +173,17 @@ def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _with_subject_and_annotations(out: dict[str, Any], subject: Descriptor | None,
+                                  annotations: dict[str, str] | None) -> dict[str, Any]:
+    """The two trailing fields Go's Manifest and Index structs share, in their order."""
+    if subject is not None:
+        out["subject"] = subject.to_json()
+    ordered = gojson.sorted_map(annotations)
+    if ordered:
+        out["annotations"] = ordered
+    return out
+
+
 @dataclass(slots=True)
 class Manifest:
     """An image manifest (OCI or Docker schema 2); ``raw`` keeps unknown fields."""
@@ -214,12 +225,7 @@ class Manifest:
             out["artifactType"] = self.artifact_type
         out["config"] = self.config.to_json()
         out["layers"] = [layer.to_json() for layer in self.layers]
-        if self.subject is not None:
-            out["subject"] = self.subject.to_json()
-        annotations = gojson.sorted_map(self.annotations)
-        if annotations:
-            out["annotations"] = annotations
-        return out
+        return _with_subject_and_annotations(out, self.subject, self.annotations)
 
     def encode(self) -> bytes:
         return gojson.dumps(self.to_json())
@@ -258,12 +264,7 @@ class Index:
         if self.artifact_type:
             out["artifactType"] = self.artifact_type
         out["manifests"] = [m.to_json() for m in self.manifests]
-        if self.subject is not None:
-            out["subject"] = self.subject.to_json()
-        annotations = gojson.sorted_map(self.annotations)
-        if annotations:
-            out["annotations"] = annotations
-        return out
+        return _with_subject_and_annotations(out, self.subject, self.annotations)
 
     def encode(self) -> bytes:
         return gojson.dumps(self.to_json())
