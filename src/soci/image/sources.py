@@ -28,8 +28,12 @@ class ImageSource(Protocol):
         """A child manifest's bytes, verified against ``desc``."""
         ...
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
-        """A verifying stream over a blob: its final read raises if the bytes were wrong."""
+    def open_blob(self, desc: Descriptor, verify: bool = True) -> BinaryIO:
+        """A stream over a blob; its final read raises if the bytes were wrong.
+
+        ``verify=False`` leaves the digest check to a consumer that hashes every byte itself
+        (the zTOC builder); the length is still checked where the source knows it.
+        """
         ...
 
     def close(self) -> None: ...
@@ -50,8 +54,9 @@ class RegistrySource:
     def manifest(self, desc: Descriptor) -> bytes:
         return self.client.get_manifest(self.ref.with_digest(desc.digest)).data
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
-        return self.client.open_blob(self.ref, desc.digest)  # type: ignore[return-value]
+    def open_blob(self, desc: Descriptor, verify: bool = True) -> BinaryIO:
+        return self.client.open_blob(self.ref, desc.digest,  # type: ignore[return-value]
+                                     verify=verify)
 
     def close(self) -> None:
         pass
@@ -69,7 +74,7 @@ class LayoutSource:
     def manifest(self, desc: Descriptor) -> bytes:
         return self.layout.read_blob(desc.digest)
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
+    def open_blob(self, desc: Descriptor, verify: bool = True) -> BinaryIO:
         return self.layout.open_blob(desc.digest, desc.size)  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -114,7 +119,7 @@ class ArchiveSource:
         return verify(self._read(f"blobs/sha256/{desc.digest[7:]}"), desc.digest,
                       f"blob {desc.digest} in {self.name.path}")
 
-    def open_blob(self, desc: Descriptor) -> BinaryIO:
+    def open_blob(self, desc: Descriptor, verify: bool = True) -> BinaryIO:
         member = self.members.get(f"blobs/sha256/{desc.digest[7:]}")
         if member is None:
             raise NotFoundError(f"{self.name.path}: blob {desc.digest} is missing")

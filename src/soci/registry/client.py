@@ -290,13 +290,15 @@ class BlobReader(io.RawIOBase):
         target: _Target,
         digest: str,
         response: _Response,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         self._client = client
         self._target = target
         self._digest = digest
         self._response: urllib3.BaseHTTPResponse | None = response.raw
-        self._hasher = hashlib.new(digest.split(":", 1)[0])
+        # verify=False: the caller hashes the bytes itself (the zTOC builder does).
+        self._hasher = hashlib.new(digest.split(":", 1)[0]) if verify else None
         length = response.headers.get("Content-Length")
         self.size: int | None = int(length) if length and length.isdigit() else None
         self._pos = 0
@@ -317,9 +319,25 @@ class BlobReader(io.RawIOBase):
             self._finish()
             return 0
         view[: len(chunk)] = chunk
-        self._hasher.update(chunk)
+        if self._hasher is not None:
+            self._hasher.update(chunk)
         self._pos += len(chunk)
         return len(chunk)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Like RawIOBase.read, without copying each chunk through a buffer."""
+        if size is None or size < 0:
+            return self.readall()
+        if self._done or self.closed or size == 0:
+            return b""
+        chunk = self._read_some(size)
+        if not chunk:
+            self._finish()
+            return b""
+        if self._hasher is not None:
+            self._hasher.update(chunk)
+        self._pos += len(chunk)
+        return chunk
 
     def _read_some(self, amount: int) -> bytes:
         for _ in range(self._client.retries + 2):
@@ -369,12 +387,14 @@ class BlobReader(io.RawIOBase):
     def _finish(self) -> None:
         self._done = True
         self._release()
-        actual = f"{self._digest.split(':', 1)[0]}:{self._hasher.hexdigest()}"
         if self.size is not None and self._pos != self.size:
             raise DigestMismatchError(
                 f"{self._target.label}: blob {self._digest}: short read, "
                 f"got {self._pos} of {self.size} bytes"
             )
+        if self._hasher is None:
+            return
+        actual = f"{self._digest.split(':', 1)[0]}:{self._hasher.hexdigest()}"
         if actual != self._digest:
             raise DigestMismatchError(
                 f"{self._target.label}: blob {self._digest}: content has digest {actual}"
@@ -617,9 +637,10 @@ class RegistryClient:
             )
         return data
 
-    def open_blob(self, ref: Reference, digest: str) -> BlobReader:
+    def open_blob(self, ref: Reference, digest: str, *, verify: bool = True) -> BlobReader:
         """The blob as a stream (``read(n)``, ``close()``, context manager); the digest
-        and length are checked when EOF is read."""
+        and length are checked when EOF is read (the digest only with ``verify``: pass
+        False only when the consumer hashes every byte itself before using any)."""
         validate_digest(digest)
 
         def open_on(target: _Target) -> BlobReader:
@@ -627,7 +648,7 @@ class RegistryClient:
             resp = self._request("GET", target, path, read_body=False)
             if resp.status != 200:
                 raise self._error(resp, target, f"blob {digest}")
-            return BlobReader(self, target, digest, resp)
+            return BlobReader(self, target, digest, resp, verify)
 
         return self._on_endpoints(ref, open_on)
 

@@ -71,6 +71,44 @@ def _read_full(source: BinaryIO, size: int) -> bytes:
     return b"".join(parts)
 
 
+class _Reader(threading.Thread):
+    """Reads the source ahead of the inflater, so network or disk waits overlap inflation.
+
+    The read errors of the source (a digest mismatch at its end, a dropped registry
+    connection) are handed over in order and raised by the building thread.
+    """
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__(name="soci-ztoc-reader", daemon=True)
+        self.source = source
+        self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(_QUEUE_DEPTH // 2)
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                chunk = self.source.read(CHUNK_SIZE)
+                self.chunks.put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # handed to the building thread
+            self.chunks.put(e)
+
+    def next(self) -> bytes:
+        item = self.chunks.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self.stopped.set()
+        while self.is_alive():
+            try:
+                self.chunks.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 class _Hasher(threading.Thread):
     """Hashes the blob and its spans, and decodes tar headers, behind the inflater.
 
@@ -153,6 +191,8 @@ def build_ztoc(
     indexer = GzipIndexer(span_size, scanner) if compression is Compression.GZIP else None
     hasher = _Hasher()
     hasher.start()
+    reader = _Reader(source)
+    reader.start()
     total = 0
     try:
         chunk = first
@@ -171,12 +211,13 @@ def build_ztoc(
             total += len(chunk)
             if progress is not None:
                 progress(total)
-            chunk = source.read(CHUNK_SIZE)
+            chunk = reader.next()
         if hasher.error is None:
             if indexer is not None:
                 indexer.finish()
             archive_size = scanner.finish()
     finally:
+        reader.stop()
         hasher.items.put(None)
         hasher.join()
     if hasher.error is not None:
