@@ -12,6 +12,7 @@ as a file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -103,10 +104,8 @@ class _Reader(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         while self.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.chunks.get(timeout=0.1)
-            except queue.Empty:
-                pass
 
 
 class _Hasher(threading.Thread):
