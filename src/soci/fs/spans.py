@@ -30,6 +30,8 @@ RangeFetcher = Callable[[int, int], bytes]
 class SpanManager:
     #: At most this many spans are fetched ahead of a read, in one request.
     MAX_AHEAD = 8
+    #: A first read inflates a span's prefix in steps of this many bytes.
+    PREFIX_STEP = 256 << 10
 
     def __init__(self, key: str, ztoc: Ztoc, fetch: RangeFetcher, memory: MemoryCache,
                  disk: DiskCache | None) -> None:
@@ -75,11 +77,13 @@ class SpanManager:
         ahead = min(ahead, last + self.MAX_AHEAD)
         pieces = []
         for span in range(first, last + 1):
+            lo, hi = self._uncompressed_range(span)
+            need = min(end, hi) - lo
             data = self.memory.get((self.key, span))
-            if data is None:
-                self._ensure(span, ahead)
-                data = self.span(span)
-            lo, _ = self._uncompressed_range(span)
+            if data is None or len(data) < need:
+                if data is None:
+                    self._ensure(span, ahead)
+                data = self.span(span, need)
             pieces.append(data[max(offset - lo, 0) : end - lo])
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -92,27 +96,41 @@ class SpanManager:
         if first != last:
             return None
         data = self.memory.get((self.key, first))
-        if data is None:
+        lo, _ = self._uncompressed_range(first)
+        if data is None or len(data) < end - lo:
             return None
         self.last_access = time.monotonic()
-        lo, _ = self._uncompressed_range(first)
         return data[offset - lo : end - lo]
 
-    def span(self, span: int) -> bytes:
-        """A span's uncompressed bytes, from memory or inflated from verified compressed bytes."""
+    def span(self, span: int, need: int | None = None) -> bytes:
+        """A span's uncompressed bytes (at least its first ``need``), from memory or inflated
+        from verified compressed bytes.
+
+        A first small read inflates only a prefix of the span (rounded up); a later read
+        beyond it inflates the whole span, so a span is inflated at most twice.
+        """
+        lo, hi = self._uncompressed_range(span)
+        full = hi - lo
+        need = full if need is None else need
         data = self.memory.get((self.key, span))
-        if data is not None:
+        if data is not None and len(data) >= need:
             return data
         comp = self._compressed(span)
-        lo, hi = self._uncompressed_range(span)
         if isinstance(self.zinfo, TarZinfo):
-            data = comp[: hi - lo]
+            data = comp[:full]
         else:
-            out = bytearray(hi - lo)
+            length = full
+            if data is None and need < full // 2:
+                length = min(full, -(-need // self.PREFIX_STEP) * self.PREFIX_STEP)
+            out = bytearray(length)
             got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), 0, out)
             if got != len(out):
                 raise LayerFormatError(f"span {span} of {self.key} inflated short")
             data = bytes(out)
+            if length < full:
+                with self._lock:  # keep the compressed bytes (bounded) for a full inflate
+                    if len(self._fresh) < self.MAX_AHEAD * 2:
+                        self._fresh.setdefault(span, comp)
         self.memory.put((self.key, span), data)
         return data
 
