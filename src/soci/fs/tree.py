@@ -96,6 +96,7 @@ class LayerTree:
         for entry in ztoc.entries:
             self._add(entry)
         self._count_links()
+        del self._paths  # only needed while building; the tree lives as long as the layer
 
     def __len__(self) -> int:
         return len(self.nodes) - 1

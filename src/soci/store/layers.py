@@ -201,6 +201,7 @@ class LayerManager:
             if ztoc.compressed_size != manifest.layers[position].size:
                 raise SociError("zTOC describes a layer of another size")
             tree = LayerTree(ztoc)
+            ztoc.entries = []  # the tree holds what the entries said; spans need the rest
         except SociError as e:
             log.warning("image %s: zTOC %s for layer %s refused: %s", ref, ztoc_desc.digest,
                         digest, e)
