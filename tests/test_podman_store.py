@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +145,33 @@ def test_store_killed_while_a_container_runs(world: dict) -> None:
             assert _layer_bytes(world["proxy"], world["big"]["digest"]) == before
             assert set((root / "cache" / "spans").iterdir()) == spans_before
             podman.command("rm", "-f", "-t", "0", "long", check=False)
+
+
+def test_layers_are_released_after_rmi_and_mount_again(world: dict) -> None:
+    import urllib.request
+
+    root = world["tmp"] / "root-release"
+    ref = f"{world['host']}/app:v1"
+    soci(root, "create", ref)
+    grace = "[cache]\nrelease_grace_sec = 1\n"
+    with StoreDaemon(root, world["tmp"] / "mnt-release", extra_config=grace) as store, Podman(
+        world["tmp"] / "podman-release", additional_layer_store=str(store.mountpoint),
+        insecure_registries=[world["host"]],
+    ) as podman:
+
+        def mounted() -> list[dict]:
+            with urllib.request.urlopen(f"http://{store.metrics_address}/status") as resp:
+                return json.loads(resp.read())["layers"]
+
+        podman.pull(ref)
+        assert podman.run(ref, "cat", "/opt/data/motd") == FILES["opt/data/motd"]
+        assert [la["users"] for la in mounted()] == [1]
+        podman.rmi(ref)
+        deadline = time.monotonic() + 20
+        while mounted():
+            assert time.monotonic() < deadline, store.logs()[-2000:]
+            time.sleep(0.2)
+        assert "released after" in store.logs()
+        podman.pull(ref)
+        assert podman.run(ref, "cat", "/opt/data/motd") == FILES["opt/data/motd"]
+        assert [la["users"] for la in mounted()] == [1]

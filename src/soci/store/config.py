@@ -18,6 +18,7 @@
     [cache]                       # ours
     memory_mb = 512               # uncompressed spans, shared by all layers
     disk_mb = 10240               # compressed spans under <root>/cache/spans
+    release_grace_sec = 60        # unmount a layer this long after podman's last use
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class StoreConfig:
     entry_timeout: float = 3600.0
     memory_bytes: int = 512 << 20
     disk_bytes: int = 10 << 30
+    release_grace_sec: float = 60.0
 
 
 def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
@@ -82,4 +84,6 @@ def load_store_config(path: str | None = None) -> StoreConfig:
     cfg.entry_timeout = _get(doc, "fuse", "entry_timeout", float, cfg.entry_timeout)
     cfg.memory_bytes = _get(doc, "cache", "memory_mb", int, cfg.memory_bytes >> 20) << 20
     cfg.disk_bytes = _get(doc, "cache", "disk_mb", int, cfg.disk_bytes >> 20) << 20
+    cfg.release_grace_sec = _get(doc, "cache", "release_grace_sec", float,
+                                 cfg.release_grace_sec)
     return cfg

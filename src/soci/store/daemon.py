@@ -151,9 +151,15 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
     log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
     sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
 
+    async def release_idle_layers() -> None:
+        while True:
+            await trio.sleep(max(config.release_grace_sec / 4, 0.25))
+            fs.release_idle(config.release_grace_sec)
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
+            nursery.start_soon(release_idle_layers)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("signal %d: unmounting", signum)

@@ -81,7 +81,7 @@ class StoreFS(pyfuse3.Operations):
         self._synthetic: dict[int, _Synthetic] = {}
         self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
         self._tree_bases: list[int] = []       # sorted first inode of each mounted tree
-        self._tree_layers: list[Layer] = []
+        self._tree_layers: list[Layer | None] = []  # None: released, its inodes are stale
         self._diff_inode: dict[str, int] = {}  # layer digest -> inode of its diff root
         self._started = time.time_ns()
         self.ops = 0
@@ -103,6 +103,8 @@ class StoreFS(pyfuse3.Operations):
         if i < 0:
             return None
         layer = self._tree_layers[i]
+        if layer is None:
+            return None
         local = ino - self._tree_bases[i] + TREE_ROOT
         if local >= len(layer.tree.nodes):
             return None
@@ -120,6 +122,21 @@ class StoreFS(pyfuse3.Operations):
             self._tree_layers.append(layer)
             self._diff_inode[layer.digest] = ino
         return ino
+
+    def release_idle(self, grace: float) -> None:
+        """Unmount layers podman no longer uses; their inode numbers are never reused."""
+        for layer in self.manager.evict_idle(grace):
+            ino = self._diff_inode.pop(layer.digest, None)
+            if ino is not None:
+                self._tree_layers[self._tree_bases.index(ino)] = None
+            for children in self._children.values():
+                for name, child in list(children.items()):
+                    item = self._synthetic.get(child)
+                    if child == ino or (item is not None and item.layer is layer):
+                        del children[name]
+                        self._synthetic.pop(child, None)
+            log.info("layer %s: released after %.0f s without users (spans stay cached)",
+                     layer.digest, grace)
 
     # -- attributes --------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from soci.artifacts import LocalStore
@@ -47,6 +48,7 @@ class Layer:
     diff_id: str
     compression: int
     users: int = 0
+    idle_since: float | None = None  # when the last user let go (None: in use, or never used)
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def info(self, key: str) -> bytes:
@@ -231,6 +233,7 @@ class LayerManager:
             if layer is None:
                 return 0
             layer.users += 1
+            layer.idle_since = None
             return layer.users
 
     def release(self, ref_text: str, key: str) -> int:
@@ -239,4 +242,21 @@ class LayerManager:
             if layer is None:
                 return 0
             layer.users = max(layer.users - 1, 0)
+            if layer.users == 0:
+                layer.idle_since = time.monotonic()
             return layer.users
+
+    def evict_idle(self, grace: float) -> list[Layer]:
+        """Forget layers nobody has used for ``grace`` seconds (podman removed their images).
+
+        Their spans stay in the disk cache, so a later pull mounts them again cheaply.
+        """
+        now = time.monotonic()
+        with self._lock:
+            idle = [la for la in self._layers.values() if la.users == 0
+                    and la.idle_since is not None and now - la.idle_since >= grace]
+            for layer in idle:
+                del self._layers[layer.digest]
+                for key in [k for k, v in self._aliases.items() if v == layer.digest]:
+                    del self._aliases[key]
+        return idle
