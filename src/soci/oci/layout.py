@@ -45,12 +45,6 @@ class OciLayout:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).exists()
 
-    def blob_size(self, digest: str) -> int:
-        try:
-            return self.blob_path(digest).stat().st_size
-        except FileNotFoundError:
-            raise NotFoundError(f"blob {digest} is not in {self.path}") from None
-
     def read_blob(self, digest: str) -> bytes:
         try:
             data = self.blob_path(digest).read_bytes()
