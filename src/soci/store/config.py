@@ -5,7 +5,13 @@
     silence_period_msec = 30000   # no reads of a layer for this long -> fetch the rest
     fetch_period_msec = 500       # one span per period per layer
 
-    [blob]
+    [http]                        # client-wide, as upstream spells them
+    RequestTimeoutMsec = 300000
+    MaxRetries = 5
+    MinWaitMsec = 30
+    MaxWaitMsec = 300
+
+    [blob]                        # overrides [http] for blob fetches
     fetching_timeout_sec = 300    # per registry request
     max_retries = 5
     min_wait_msec = 30            # retry backoff: first wait ...
@@ -75,11 +81,17 @@ def load_store_config(path: str | None = None) -> StoreConfig:
                                   bf.silence_period_msec)
     bf.fetch_period_msec = _get(doc, "background_fetch", "fetch_period_msec", int,
                                 bf.fetch_period_msec)
+    # Upstream's [http] section sets the client-wide values; [blob] overrides them.
+    timeout_ms = _get(doc, "http", "RequestTimeoutMsec", int,
+                      int(cfg.fetching_timeout_sec * 1000))
     cfg.fetching_timeout_sec = _get(doc, "blob", "fetching_timeout_sec", float,
-                                    cfg.fetching_timeout_sec)
-    cfg.max_retries = _get(doc, "blob", "max_retries", int, cfg.max_retries)
-    cfg.min_wait_msec = _get(doc, "blob", "min_wait_msec", int, cfg.min_wait_msec)
-    cfg.max_wait_msec = _get(doc, "blob", "max_wait_msec", int, cfg.max_wait_msec)
+                                    timeout_ms / 1000)
+    cfg.max_retries = _get(doc, "blob", "max_retries", int,
+                           _get(doc, "http", "MaxRetries", int, cfg.max_retries))
+    cfg.min_wait_msec = _get(doc, "blob", "min_wait_msec", int,
+                             _get(doc, "http", "MinWaitMsec", int, cfg.min_wait_msec))
+    cfg.max_wait_msec = _get(doc, "blob", "max_wait_msec", int,
+                             _get(doc, "http", "MaxWaitMsec", int, cfg.max_wait_msec))
     cfg.attr_timeout = _get(doc, "fuse", "attr_timeout", float, cfg.attr_timeout)
     cfg.entry_timeout = _get(doc, "fuse", "entry_timeout", float, cfg.entry_timeout)
     cfg.memory_bytes = _get(doc, "cache", "memory_mb", int, cfg.memory_bytes >> 20) << 20
