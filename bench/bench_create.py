@@ -11,7 +11,6 @@ destination / store; the median of --repeat runs is reported.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import os
 import shutil
@@ -21,11 +20,13 @@ import sys
 import tempfile
 import time
 import zlib
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
+from images import GzipLayerFile, files_layer, write_image  # noqa: E402
 from registryd import Registry  # noqa: E402
 from throttle import ThrottledProxy  # noqa: E402
 
@@ -40,41 +41,9 @@ def diff_id(path: str) -> str:
 
 
 def write_layout(root: str, layer_path: str) -> None:
-    import json
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(root, "blobs", "sha256", digest), "wb") as f:
-            f.write(data)
-        return "sha256:" + digest
-
-    os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
-    with open(layer_path, "rb") as f:
-        layer_digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
-    shutil.copyfile(layer_path, os.path.join(root, "blobs", "sha256", layer_digest[7:]))
-    small_tar = b"\0" * 1024
-    small = gzip.compress(small_tar, mtime=0)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {
-        "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(small_tar).hexdigest(),
-                                       diff_id(layer_path)]}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
-                   "size": len(config)},
-        "layers": [
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(small),
-             "size": len(small)},
-            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest,
-             "size": os.path.getsize(layer_path)},
-        ]}).encode()
-    digest = put(manifest)
-    with open(os.path.join(root, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
-            "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]},
-            f)
-    with open(os.path.join(root, "oci-layout"), "w") as f:
-        f.write('{"imageLayoutVersion":"1.0.0"}')
+    """An OCI layout tagged v1: a small layer plus the benchmark layer (copied in as is)."""
+    big = GzipLayerFile(Path(layer_path), diff_id(layer_path))
+    write_image(root, "v1", [files_layer({"etc/bench": b"bench\n"}), big])
 
 
 def timed(command: list[str], repeat: int, scratch: str) -> float:

@@ -13,10 +13,6 @@ Each variant runs --repeat times from cold; medians are compared.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_create import diff_id  # noqa: E402
-from images import busybox_layer  # noqa: E402
+from images import GzipLayerFile, busybox_layer, write_image  # noqa: E402
 from podmanenv import Podman  # noqa: E402
 from registryd import Registry  # noqa: E402
 from storeenv import StoreDaemon  # noqa: E402
@@ -37,35 +33,9 @@ from throttle import ThrottledProxy  # noqa: E402
 
 
 def write_layout(root: Path, big_layer: Path) -> None:
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return "sha256:" + digest
-
-    base_tar = busybox_layer()
-    base = gzip.compress(base_tar, mtime=0)
-    big_digest = "sha256:" + hashlib.sha256(big_layer.read_bytes()).hexdigest()
-    shutil.copyfile(big_layer, blobs / big_digest[7:])
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": [
-                             "sha256:" + hashlib.sha256(base_tar).hexdigest(),
-                             diff_id(str(big_layer))]}}).encode()
-    layer = "application/vnd.oci.image.layer.v1.tar+gzip"
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config),
-                   "size": len(config)},
-        "layers": [{"mediaType": layer, "digest": put(base), "size": len(base)},
-                   {"mediaType": layer, "digest": big_digest,
-                    "size": big_layer.stat().st_size}]}).encode()
-    digest = put(manifest)
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
-        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
-    (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    """An OCI layout tagged v1: busybox, then the benchmark layer (copied in as is)."""
+    write_image(root, "v1", [busybox_layer(),
+                             GzipLayerFile(big_layer, diff_id(str(big_layer)))])
 
 
 def pull_and_run(podman: Podman, ref: str, command: list[str]) -> tuple[float, bytes]:

@@ -6,8 +6,11 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from layers import Node, tar_with_tarfile
 
@@ -23,8 +26,8 @@ def _blob(root: Path, data: bytes) -> str:
     return digest
 
 
-def files_layer(files: dict[str, bytes]) -> bytes:
-    """A tar (uncompressed) of regular files, directories implied."""
+def files_layer(files: dict[str, bytes | tuple[bytes, int]]) -> bytes:
+    """A tar (uncompressed) of regular files (data, or (data, mode)), directories implied."""
     nodes: list[Node] = []
     dirs: set[str] = set()
     for name in sorted(files):
@@ -34,8 +37,45 @@ def files_layer(files: dict[str, bytes]) -> bytes:
             if d not in dirs:
                 dirs.add(d)
                 nodes.append(Node(d, "dir", mode=0o755))
-        nodes.append(Node(name, data=files[name]))
+        data, mode = files[name] if isinstance(files[name], tuple) else (files[name], 0o644)
+        nodes.append(Node(name, data=data, mode=mode))
     return tar_with_tarfile(nodes, tarfile.PAX_FORMAT)
+
+
+@dataclass(frozen=True)
+class GzipLayerFile:
+    """A layer that already exists as a gzip blob on disk (copied in, never loaded whole)."""
+
+    path: Path
+    diff_id: str
+
+
+class WrittenLayer(NamedTuple):
+    digest: str
+    diff_id: str
+    size: int
+    blob: bytes | None  # None for a GzipLayerFile
+    tar: bytes | None
+
+
+@dataclass(frozen=True)
+class WrittenImage:
+    """What :func:`write_image` wrote, for tests that check what they pull."""
+
+    path: Path
+    tag: str
+    manifest: bytes
+    manifest_digest: str
+    config: bytes
+    config_digest: str
+    layers: list[WrittenLayer]
+
+    @property
+    def data_layer(self) -> WrittenLayer:
+        return self.layers[-1]
+
+    def blob(self, digest: str) -> bytes:
+        return (self.path / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
 
 
 BUSYBOX = "/bin/busybox"
@@ -57,38 +97,51 @@ def big_file(seed: str, size: int) -> bytes:
     return (noise + text)[:size]
 
 
-def write_image(root: str | os.PathLike[str], tag: str, layers: list[bytes], *,
-                os_name: str = "linux", arch: str = "amd64", variant: str = "",
-                compress: str = "gzip", add_to_index: bool = True) -> tuple[str, int]:
-    """Write one platform's image into an OCI layout; return (manifest digest, size)."""
+def write_image(root: str | os.PathLike[str], tag: str,
+                layers: list[bytes | GzipLayerFile], *, os_name: str = "linux",
+                arch: str = "amd64", variant: str = "", compress: str = "gzip",
+                add_to_index: bool = True) -> WrittenImage:
+    """Write one platform's image into an OCI layout (layers given as tars, or gzip files)."""
     root = Path(root)
-    layer_descs, diff_ids = [], []
-    for tar in layers:
-        diff_ids.append("sha256:" + hashlib.sha256(tar).hexdigest())
-        if compress == "gzip":
-            data, mt = gzip.compress(tar, 6, mtime=0), "application/vnd.oci.image.layer.v1.tar+gzip"
+    written: list[WrittenLayer] = []
+    layer_descs = []
+    for layer in layers:
+        mt = "application/vnd.oci.image.layer.v1.tar+gzip"
+        if isinstance(layer, GzipLayerFile):
+            with open(layer.path, "rb") as f:
+                digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+            target = root / "blobs" / "sha256" / digest[7:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(layer.path, target)
+            item = WrittenLayer(digest, layer.diff_id, target.stat().st_size, None, None)
         else:
-            data, mt = tar, "application/vnd.oci.image.layer.v1.tar"
-        layer_descs.append({"mediaType": mt, "digest": _blob(root, data), "size": len(data)})
+            diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+            if compress == "gzip":
+                data = gzip.compress(layer, 6, mtime=0)
+            else:
+                data, mt = layer, "application/vnd.oci.image.layer.v1.tar"
+            item = WrittenLayer(_blob(root, data), diff_id, len(data), data, layer)
+        written.append(item)
+        layer_descs.append({"mediaType": mt, "digest": item.digest, "size": item.size})
     config = {"architecture": arch, "os": os_name,
-              "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "config": {"Cmd": ["/bin/sh"]}}
+              "rootfs": {"type": "layers", "diff_ids": [la.diff_id for la in written]},
+              "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]}}
     if variant:
         config["variant"] = variant
     config_bytes = json.dumps(config, sort_keys=True).encode()
-    manifest = {
+    config_digest = _blob(root, config_bytes)
+    manifest = json.dumps({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": _blob(root, config_bytes), "size": len(config_bytes)},
+                   "digest": config_digest, "size": len(config_bytes)},
         "layers": layer_descs,
-    }
-    data = json.dumps(manifest).encode()
-    digest = _blob(root, data)
+    }).encode()
+    digest = _blob(root, manifest)
     (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     if add_to_index:
-        _tag(root, {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(data)}, tag)
-    return digest, len(data)
+        _tag(root, {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest)}, tag)
+    return WrittenImage(root, tag, manifest, digest, config_bytes, config_digest, written)
 
 
 def write_multiarch(root: str | os.PathLike[str], tag: str,
@@ -98,8 +151,9 @@ def write_multiarch(root: str | os.PathLike[str], tag: str,
     entries = []
     for platform, layers in per_platform.items():
         os_name, arch, *variant = platform.split("/")
-        digest, size = write_image(root, tag, layers, os_name=os_name, arch=arch,
-                                   variant=variant[0] if variant else "", add_to_index=False)
+        image = write_image(root, tag, layers, os_name=os_name, arch=arch,
+                            variant=variant[0] if variant else "", add_to_index=False)
+        digest, size = image.manifest_digest, len(image.manifest)
         p = {"architecture": arch, "os": os_name}
         if variant:
             p["variant"] = variant[0]

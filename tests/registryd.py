@@ -17,8 +17,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
-import gzip
-import hashlib
 import http.client
 import http.server
 import io
@@ -28,7 +26,6 @@ import random
 import shutil
 import socket
 import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -39,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from images import WrittenImage, files_layer, write_image
 
 LOOPBACK = "127.0.0.1"
 REGISTRY_BINARY = "docker-registry"
@@ -564,47 +563,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-
-@dataclass
-class Layout:
-    """What :func:`write_oci_layout` wrote: enough for tests to check what they pull."""
-
-    path: Path
-    tag: str
-    manifest: bytes
-    manifest_digest: str
-    config: bytes
-    config_digest: str
-    layers: list[tuple[str, bytes]]  # (digest, gzip bytes)
-
-    def blob(self, digest: str) -> bytes:
-        return (self.path / "blobs" / "sha256" / digest.split(":", 1)[1]).read_bytes()
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _layer_tar(files: dict[str, bytes]) -> bytes:
-    """A reproducible tar: fixed owners, modes and times, entries in name order."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(files):
-            info = tarfile.TarInfo(name)
-            info.size = len(files[name])
-            info.mode = 0o644
-            info.mtime = 1_700_000_000
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            tf.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
-
-
-def _gzip(data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
-        gz.write(data)
-    return buf.getvalue()
+#: What write_oci_layout wrote (tests/images.py writes every test layout).
+Layout = WrittenImage
 
 
 def write_oci_layout(
@@ -615,63 +575,12 @@ def write_oci_layout(
 ) -> Layout:
     """An OCI image layout at ``path`` holding one image: ``layers`` (file maps; default two
     small layers) as gzip tar layers, an OCI config and manifest, tagged ``tag``."""
-    root = Path(path)
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        digest = _sha256(data)
-        (blobs / digest.split(":", 1)[1]).write_bytes(data)
-        return digest
-
     if layers is None:
         layers = [
             {"etc/hello.txt": b"hello from soci\n", "bin/tool": bytes(range(256)) * 64},
             {"var/data/readme": b"second layer\n" * 100},
         ]
-    layer_descs, diff_ids, written = [], [], []
-    for files in layers:
-        tar = _layer_tar(files)
-        blob = _gzip(tar)
-        digest = put(blob)
-        written.append((digest, blob))
-        diff_ids.append(_sha256(tar))
-        layer_descs.append({"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": len(blob)})
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": ["PATH=/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        },
-        separators=(",", ":"),
-    ).encode()
-    config_digest = put(config)
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
-            "layers": layer_descs,
-        },
-        separators=(",", ":"),
-    ).encode()
-    manifest_digest = put(manifest)
-    index = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": [
-            {
-                "mediaType": OCI_MANIFEST,
-                "digest": manifest_digest,
-                "size": len(manifest),
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }
-        ],
-    }
-    (root / "index.json").write_text(json.dumps(index))
-    (root / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return Layout(root, tag, manifest, manifest_digest, config, config_digest, written)
+    return write_image(path, tag, [files_layer(files) for files in layers])
 
 
 def push_layout(

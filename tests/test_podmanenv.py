@@ -13,8 +13,6 @@ this host (no busybox needed), and a data layer the store provides.
 from __future__ import annotations
 
 import base64
-import gzip
-import hashlib
 import io
 import json
 import os
@@ -24,7 +22,6 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,45 +29,7 @@ import pytest
 
 import podmanenv
 import registryd
-
-_MTIME = 1_700_000_000
-OCI_MANIFEST = registryd.OCI_MANIFEST
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _gzip(data: bytes) -> bytes:
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
-        gz.write(data)
-    return buf.getvalue()
-
-
-def _tar(files: dict[str, tuple[bytes, int]]) -> bytes:
-    """A reproducible tar of ``path -> (content, mode)`` with parent directories."""
-    dirs: set[str] = set()
-    for name in files:
-        parts = name.split("/")[:-1]
-        for i in range(1, len(parts) + 1):
-            dirs.add("/".join(parts[:i]))
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name in sorted(dirs | set(files)):
-            info = tarfile.TarInfo(name)
-            info.mtime = _MTIME
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            if name in files:
-                data, info.mode = files[name]
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-            else:
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                tf.addfile(info)
-    return buf.getvalue()
+from images import WrittenImage, WrittenLayer, files_layer, write_image
 
 
 def _cat_layer_files() -> dict[str, tuple[bytes, int]]:
@@ -86,55 +45,9 @@ def _cat_layer_files() -> dict[str, tuple[bytes, int]]:
     return files
 
 
-@dataclass
-class BuiltImage:
-    layout: Path
-    tag: str
-    layers: list[tuple[str, str, bytes, bytes]]  # (digest, diff_id, gzip blob, tar)
-    manifest_digest: str
-
-    @property
-    def data_layer(self) -> tuple[str, str, bytes, bytes]:
-        return self.layers[-1]
-
-
-def write_test_image(path: Path, data_files: dict[str, bytes], *, tag: str = "v1") -> BuiltImage:
+def write_test_image(path: Path, data_files: dict[str, bytes], *, tag: str = "v1") -> WrittenImage:
     """An OCI layout: layer 0 = cat + libraries, layer 1 = ``data_files`` (mode 0644)."""
-    blobs = path / "blobs" / "sha256"
-    blobs.mkdir(parents=True, exist_ok=True)
-
-    def put(data: bytes) -> str:
-        digest = _sha256(data)
-        (blobs / digest.split(":", 1)[1]).write_bytes(data)
-        return digest
-
-    layers = []
-    tars = [_tar(_cat_layer_files()), _tar({k: (v, 0o644) for k, v in data_files.items()})]
-    for tar in tars:
-        blob = _gzip(tar)
-        layers.append((put(blob), _sha256(tar), blob, tar))
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id, _, _ in layers]},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": registryd.OCI_CONFIG, "digest": put(config), "size": len(config)},
-        "layers": [
-            {"mediaType": registryd.OCI_LAYER_GZIP, "digest": d, "size": len(b)}
-            for d, _, b, _ in layers
-        ],
-    }).encode()
-    manifest_digest = put(manifest)
-    index = {"schemaVersion": 2, "mediaType": registryd.OCI_INDEX, "manifests": [{
-        "mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": tag},
-    }]}
-    (path / "index.json").write_text(json.dumps(index))
-    (path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return BuiltImage(path, tag, layers, manifest_digest)
+    return write_image(path, tag, [files_layer(_cat_layer_files()), files_layer(data_files)])
 
 
 def als_layer_dir(store: Path, image_ref: str, layer_digest: str) -> Path:
@@ -143,10 +56,11 @@ def als_layer_dir(store: Path, image_ref: str, layer_digest: str) -> Path:
 
 
 def populate_als_layer(
-    store: Path, image_ref: str, layer: tuple[str, str, bytes, bytes], *, diff_size: int = 0,
+    store: Path, image_ref: str, layer: WrittenLayer, *, diff_size: int = 0,
 ) -> Path:
     """A plain-directory store entry: ``diff/`` (the extracted tar), ``info``, ``blob``."""
-    digest, diff_id, blob, tar = layer
+    digest, diff_id, _, blob, tar = layer
+    assert blob is not None and tar is not None
     target = als_layer_dir(store, image_ref, digest)
     (target / "diff").mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
@@ -202,17 +116,17 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoggingRegist
 
 
 @pytest.fixture(scope="module")
-def image(registry: LoggingRegistry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+def image(registry: LoggingRegistry, tmp_path_factory: pytest.TempPathFactory) -> WrittenImage:
     image = write_test_image(
         tmp_path_factory.mktemp("layout"),
         {"etc/hello.txt": b"hello from the registry\n", "data/big": os.urandom(4096) * 8},
     )
-    registryd.push_layout(image.layout, registry.host, "soci/podmanenv:v1", tag=image.tag)
+    registryd.push_layout(image.path, registry.host, "soci/podmanenv:v1", tag=image.tag)
     return image
 
 
 def test_pull_and_run(
-    podman_ok: None, registry: LoggingRegistry, image: BuiltImage, tmp_path: Path,
+    podman_ok: None, registry: LoggingRegistry, image: WrittenImage, tmp_path: Path,
 ) -> None:
     ref = f"{registry.host}/soci/podmanenv:v1"
     with podmanenv.Podman(tmp_path, insecure_registries=[registry.host]) as pm:
@@ -237,9 +151,9 @@ def test_additional_layer_store_supplies_layer(
     image = write_test_image(
         tmp_path / "layout", {"etc/hello.txt": b"hello from the registry\n", "data/x": b"x" * 999},
     )
-    registryd.push_layout(image.layout, registry.host, "soci/als:v1", tag=image.tag)
+    registryd.push_layout(image.path, registry.host, "soci/als:v1", tag=image.tag)
     ref = f"{registry.host}/soci/als:v1"
-    digest = image.data_layer[0]
+    digest = image.data_layer.digest
     store = tmp_path / "store"
     layer_dir = populate_als_layer(store, ref, image.data_layer)
     # The store's tree differs from the registry's blob: a run proves where files come from.
@@ -252,7 +166,7 @@ def test_additional_layer_store_supplies_layer(
         log = proc.stderr.decode(errors="replace")
         assert f"Skipping blob {digest} (already present)" in log, log[-3000:]
         fetched = registry.blob_gets(since=mark)
-        assert image.layers[0][0] in fetched  # the other layer came from the registry
+        assert image.layers[0].digest in fetched  # the other layer came from the registry
         assert digest not in fetched, fetched
         assert pm.run(ref, "/bin/cat", "/etc/hello.txt") == b"hello from the store\n"
         assert pm.run(ref, "/bin/cat", "/data/x") == b"x" * 999
@@ -260,7 +174,7 @@ def test_additional_layer_store_supplies_layer(
         # containers/storage made a layer whose diff is a symlink into the store.
         layers = json.loads((pm.graphroot / "overlay-layers" / "layers.json").read_text())
         [layer] = [x for x in layers if x.get("compressed-diff-digest") == digest]
-        assert layer["diff-digest"] == image.data_layer[1]
+        assert layer["diff-digest"] == image.data_layer.diff_id
         layer_home = pm.graphroot / "overlay" / layer["id"]
         assert os.readlink(layer_home / "diff") == str(layer_dir / "diff")
         assert (layer_home / "additionallayer").read_text() == str(layer_dir)

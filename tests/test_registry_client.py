@@ -227,7 +227,7 @@ def test_missing_things_are_not_found(registry: Registry, client: RegistryClient
 def test_blobs_whole_ranged_streamed(registry: Registry, layout: Layout,
                                      client: RegistryClient) -> None:
     ref = ref_of(registry.host, "test/img:v1")
-    for digest, blob in layout.layers:
+    for digest, blob in ((la.digest, la.blob) for la in layout.layers):
         assert client.blob_exists(ref, digest)
         assert client.get_blob(ref, digest) == blob
         assert client.get_blob_range(ref, digest, 0, 10) == blob[:10]
@@ -244,7 +244,7 @@ def test_blobs_whole_ranged_streamed(registry: Registry, layout: Layout,
                 parts.append(part)
         assert b"".join(parts) == blob
     with pytest.raises(ValueError):
-        client.get_blob_range(ref, layout.layers[0][0], 10, 5)
+        client.get_blob_range(ref, layout.layers[0].digest, 10, 5)
 
 
 def test_push_small_and_large_blobs(registry: Registry) -> None:
@@ -387,7 +387,7 @@ def test_basic_auth_with_auth_file(basic_registry: Registry, layout: Layout, tmp
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
     client = make_client()
     assert client.get_manifest(ref).digest == layout.manifest_digest
-    assert client.get_blob(ref, layout.layers[0][0]) == layout.layers[0][1]
+    assert client.get_blob(ref, layout.layers[0].digest) == layout.layers[0].blob
     pushed = b"pushed with basic auth"
     assert client.push_blob(ref, digest_of(pushed), pushed)
 
@@ -473,7 +473,7 @@ def test_token_auth(token_setup: tuple[TokenServer, Registry], layout: Layout) -
     client = make_client(credentials={reg.host: (USER, PASSWORD)})
     before = tokens.requests
     assert client.get_manifest(ref).digest == layout.manifest_digest
-    for digest, blob in layout.layers:
+    for digest, blob in ((la.digest, la.blob) for la in layout.layers):
         assert client.get_blob(ref, digest) == blob
         assert client.get_blob_range(ref, digest, 1, 4) == blob[1:4]
     client.head_manifest(ref)
@@ -531,7 +531,7 @@ def test_retries_transient_statuses(proxy: FaultProxy, layout: Layout) -> None:
 
     proxy.fail(1, 429, retry_after="1")
     started = time.monotonic()
-    assert client.get_blob(ref, layout.layers[0][0]) == layout.layers[0][1]
+    assert client.get_blob(ref, layout.layers[0].digest) == layout.layers[0].blob
     assert time.monotonic() - started >= 0.9  # Retry-After was honoured
     assert proxy.injected("status") == 3
 
@@ -553,7 +553,7 @@ def test_retries_transient_statuses(proxy: FaultProxy, layout: Layout) -> None:
 def test_retries_dropped_connections(proxy: FaultProxy, layout: Layout) -> None:
     client = make_client()
     ref = ref_of(proxy.host, "test/img:v1")
-    digest, blob = layout.layers[0]
+    digest, blob = layout.layers[0].digest, layout.layers[0].blob
     proxy.drop(1, match="/blobs/")
     assert client.get_blob(ref, digest) == blob
     proxy.drop(1, match="/blobs/")
@@ -566,7 +566,7 @@ def test_retries_dropped_connections(proxy: FaultProxy, layout: Layout) -> None:
 def test_corruption_is_detected(proxy: FaultProxy, layout: Layout) -> None:
     client = make_client()
     ref = ref_of(proxy.host, "test/img:v1")
-    digest, _ = layout.layers[0]
+    digest = layout.layers[0].digest
     proxy.corrupt(1, match="/blobs/")
     with pytest.raises(DigestMismatchError, match=digest):
         client.get_blob(ref, digest)

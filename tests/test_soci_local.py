@@ -30,7 +30,7 @@ def soci(root: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess
 @pytest.fixture
 def image(tmp_path: Path) -> tuple[Path, str]:
     layout = tmp_path / "img"
-    digest, _ = write_image(layout, "v1", [files_layer(SMALL), files_layer(BIG)])
+    digest = write_image(layout, "v1", [files_layer(SMALL), files_layer(BIG)]).manifest_digest
     return layout, digest
 
 
