@@ -8,7 +8,7 @@ import click
 
 from soci.artifacts.rebuild import rebuild_db as rebuild
 from soci.cli.context import App, one_line_errors, pass_app
-from soci.cli.output import emit_json, table
+from soci.cli.output import listing
 from soci.errors import NotFoundError
 from soci.image.names import parse_image_name
 from soci.oci.descriptor import Platform, check_digest
@@ -36,18 +36,10 @@ def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
     if platform is not None:
         want = Platform.parse(platform)
         records = [r for r in records if r.platform and Platform.parse(r.platform).matches(want)]
-    if quiet:
-        for r in records:
-            click.echo(r.digest)
-    elif as_json:
-        emit_json([{"digest": r.digest, "size": r.size, "manifest_digest": r.manifest_digest,
-                    "image_digest": r.image_digest, "platform": r.platform,
-                    "media_type": r.media_type, "artifact_type": r.artifact_type,
-                    "created_at": r.created_at} for r in records])
-    else:
-        table(["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED"],
-              [(r.digest, r.size, r.manifest_digest, r.platform, r.artifact_type, r.created_at)
-               for r in records])
+    listing(records, quiet=quiet, as_json=as_json,
+            headers=["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED"],
+            row=lambda r: (r.digest, r.size, r.manifest_digest, r.platform, r.artifact_type,
+                           r.created_at))
 
 
 index.add_command(index_list, "ls")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -29,6 +30,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def listing(records: Sequence[Any], *, quiet: bool, as_json: bool, headers: Sequence[str],
+            row: Callable[[Any], Sequence[Any]]) -> None:
+    """A listing of database records: digests only, JSON (every field), or a table."""
+    if quiet:
+        for r in records:
+            click.echo(r.digest)
+    elif as_json:
+        emit_json([dataclasses.asdict(r) for r in records])
+    else:
+        table(headers, [row(r) for r in records])
 
 
 class ProgressLine:

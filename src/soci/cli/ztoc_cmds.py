@@ -10,7 +10,7 @@ from typing import BinaryIO
 import click
 
 from soci.cli.context import App, one_line_errors, pass_app
-from soci.cli.output import ProgressLine, emit_json, human_size, table
+from soci.cli.output import ProgressLine, emit_json, human_size, listing
 from soci.errors import NotFoundError, SociError
 from soci.fsutil import atomic_writer
 from soci.image.names import parse_image_name
@@ -187,16 +187,9 @@ def ztoc_list(app: App, ztoc_digest: str | None, image_ref: str | None, quiet: b
         wanted = {z for i in app.store.db.indexes(manifest_digests=manifests)
                   for z in app.store.db.ztocs_of_index(i.digest)}
         records = [r for r in records if r.digest in wanted]
-    if quiet:
-        for r in records:
-            click.echo(r.digest)
-    elif as_json:
-        emit_json([{"digest": r.digest, "size": r.size, "layer_digest": r.layer_digest,
-                    "layer_media_type": r.layer_media_type, "span_size": r.span_size,
-                    "created_at": r.created_at} for r in records])
-    else:
-        table(["DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE"],
-              [(r.digest, r.size, r.layer_digest, r.span_size) for r in records])
+    listing(records, quiet=quiet, as_json=as_json,
+            headers=["DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE"],
+            row=lambda r: (r.digest, r.size, r.layer_digest, r.span_size))
 
 
 ztoc.add_command(ztoc_list, "ls")
