@@ -30,6 +30,9 @@ from soci.ztoc.codec import check as check_ztoc
 
 log = logging.getLogger("soci.store")
 
+#: Seconds a "no lazy layer here" answer or a resolved manifest is trusted.
+RECHECK_SEC = 60.0
+
 #: containers/storage's compression code for gzip (pkg/archive.Gzip).
 _GZIP = 2
 _UNCOMPRESSED = 0
@@ -95,9 +98,11 @@ class LayerManager:
         self._lock = threading.Lock()
         self._layers: dict[str, Layer] = {}
         self._resolving: dict[tuple[str, str], threading.Event] = {}
-        self._absent: set[tuple[str, str]] = set()
+        # Negative answers and resolved manifests are remembered for RECHECK_SEC only, so an
+        # index published (or a tag moved) later is noticed without a restart.
+        self._absent: dict[tuple[str, str], float] = {}
         self._aliases: dict[tuple[str, str], str] = {}  # (ref, TOC digest) -> blob digest
-        self._images: dict[str, tuple[Descriptor, Manifest, list[str]]] = {}
+        self._images: dict[str, tuple[float, Descriptor, Manifest, list[str]]] = {}
 
     def layers(self) -> list[Layer]:
         with self._lock:
@@ -109,8 +114,8 @@ class LayerManager:
         """The platform manifest of ``ref`` and its diff IDs (cached per ref)."""
         key = str(ref)
         cached = self._images.get(key)
-        if cached is not None:
-            return cached
+        if cached is not None and time.monotonic() - cached[0] < RECHECK_SEC:
+            return cached[1:]
         got = self.client.get_manifest(ref)
         desc = Descriptor(got.media_type, got.digest, len(got.data))
         data = got.data
@@ -126,7 +131,7 @@ class LayerManager:
         manifest = Manifest.parse(data, desc.media_type)
         config = json.loads(self.client.get_blob(ref, manifest.config.digest))
         diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
-        self._images[key] = (desc, manifest, diff_ids)
+        self._images[key] = (time.monotonic(), desc, manifest, diff_ids)
         return desc, manifest, diff_ids
 
     def get(self, ref_text: str, key: str) -> Layer | None:
@@ -137,7 +142,7 @@ class LayerManager:
                 layer = self._layers.get(self._aliases.get(lookup, key))
                 if layer is not None:
                     return layer
-                if lookup in self._absent:
+                if time.monotonic() - self._absent.get(lookup, -RECHECK_SEC) < RECHECK_SEC:
                     return None
                 event = self._resolving.get(lookup)
                 if event is None:
@@ -148,7 +153,7 @@ class LayerManager:
             layer = self._resolve(ref_text, key)
             with self._lock:
                 if layer is None:
-                    self._absent.add(lookup)
+                    self._absent[lookup] = time.monotonic()
                 else:
                     layer = self._layers.setdefault(layer.digest, layer)
                     self._aliases[lookup] = layer.digest
