@@ -294,7 +294,7 @@ def _artifact(subject: Descriptor | None, artifact_type: str, payload: bytes) ->
                     "size": len(payload)}],
     }
     if subject is not None:
-        doc["subject"] = subject.to_dict()
+        doc["subject"] = subject.to_json()
     return json.dumps(doc, separators=(",", ":")).encode()
 
 

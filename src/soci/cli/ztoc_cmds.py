@@ -14,6 +14,7 @@ from soci.cli.output import ProgressLine, emit_json, human_size, listing
 from soci.errors import NotFoundError, SociError
 from soci.fsutil import atomic_writer
 from soci.image.names import parse_image_name
+from soci.oci.verify import sha256_digest
 from soci.registry import Reference, RegistryClient
 from soci.ztoc import (
     DEFAULT_SPAN_SIZE,
@@ -22,7 +23,6 @@ from soci.ztoc import (
     Ztoc,
     build_ztoc,
     decode,
-    digest_of,
     encode,
     find_file,
     zinfo_of,
@@ -85,7 +85,7 @@ def ztoc_build(layer: str, span_size: int, output: str | None, quiet: bool) -> N
     with atomic_writer(output) as f:
         f.write(data)
     z = result.ztoc
-    click.echo(digest_of(data))
+    click.echo(sha256_digest(data))
     if not quiet:
         click.echo(f"  written to     {output} ({human_size(len(data))})")
         click.echo(f"  layer          {result.layer_digest}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from soci.errors import NotFoundError, SociError
 from soci.image.sources import ImageSource
@@ -20,6 +21,7 @@ class PlatformImage:
     manifest: Manifest
     data: bytes
     platform: Platform
+    config: dict[str, Any] | None = None  # the image config, once something has read it
 
 
 @dataclass(slots=True)
@@ -30,16 +32,39 @@ class ResolvedImage:
     images: list[PlatformImage]
 
 
-def _config_platform(source: ImageSource, manifest: Manifest) -> Platform:
-    """A single-manifest image's platform, read from its config (os/architecture/variant)."""
+def _read_config(source: ImageSource, manifest: Manifest) -> dict[str, Any]:
     with source.open_blob(manifest.config) as f:
         data = b"".join(iter(lambda: f.read(1 << 20), b""))
     try:
         config = json.loads(data)
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise SociError(f"image config {manifest.config.digest} is not a JSON object")
+    return config
+
+
+def load_config(source: ImageSource, image: PlatformImage) -> dict[str, Any]:
+    """The image's config (verified against its digest), read once."""
+    if image.config is None:
+        image.config = _read_config(source, image.manifest)
+    return image.config
+
+
+def diff_ids(source: ImageSource, image: PlatformImage) -> list[str]:
+    """The uncompressed digests of the image's layers, from its config."""
+    rootfs = load_config(source, image).get("rootfs")
+    ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    return [str(d) for d in ids] if isinstance(ids, list) else []
+
+
+def _config_platform(config: dict[str, Any], digest: str) -> Platform:
+    """A single-manifest image's platform, from its config (os/architecture/variant)."""
+    try:
         return Platform(str(config["os"]), str(config["architecture"]),
                         str(config.get("variant") or ""), str(config.get("os.version") or ""))
-    except (ValueError, KeyError, TypeError):
-        raise SociError(f"image config {manifest.config.digest} has no os/architecture") from None
+    except KeyError:
+        raise SociError(f"image config {digest} has no os/architecture") from None
 
 
 def _is_image_entry(desc: Descriptor) -> bool:
@@ -59,9 +84,10 @@ def resolve_image(source: ImageSource, platforms: list[Platform] | None = None,
     top, data = source.top()
     if top.media_type in mt.MANIFESTS:
         manifest = Manifest.parse(data, top.media_type)
-        platform = _config_platform(source, manifest)
+        config = _read_config(source, manifest)
+        platform = _config_platform(config, manifest.config.digest)
         return ResolvedImage(top, data, None,
-                             [PlatformImage(top, top, manifest, data, platform)])
+                             [PlatformImage(top, top, manifest, data, platform, config)])
     if top.media_type not in mt.INDEXES:
         raise SociError(f"{source.name}: unsupported media type {top.media_type!r}")
     index = Index.parse(data, top.media_type)

@@ -54,14 +54,12 @@ from soci.errors import (
     NotFoundError,
     RegistryError,
 )
+from soci.oci.descriptor import Descriptor
+from soci.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from soci.registry.auth import CredentialInput, Credentials, CredentialStore
 from soci.registry.config import Endpoint, RegistriesConf
 from soci.registry.reference import Reference, api_host_of, validate_digest
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 #: The manifest types we understand, in the Accept header of every manifest request.
 DEFAULT_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 DEFAULT_USER_AGENT = f"soci-py/{__version__}"
@@ -97,19 +95,6 @@ class Manifest:
     @property
     def size(self) -> int:
         return len(self.data)
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """What a HEAD tells about a manifest: enough to reference it from an index."""
-
-    media_type: str
-    digest: str
-    size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """The OCI descriptor JSON object."""
-        return {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,17 @@ import time
 from dataclasses import dataclass, field
 
 from soci.artifacts import LocalStore
-from soci.errors import NotFoundError, RegistryError, SociError
+from soci.errors import RegistryError, SociError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fs.spans import SpanManager
 from soci.fs.tree import LayerTree
+from soci.image.names import ImageName
+from soci.image.resolve import diff_ids, resolve_image
+from soci.image.sources import RegistrySource
 from soci.index.discover import discover_index
 from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
-from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
+from soci.oci.descriptor import Descriptor, Manifest, Platform
 from soci.registry import Reference, RegistryClient
 from soci.store.metrics import Metrics
 from soci.ztoc import decode
@@ -111,28 +114,16 @@ class LayerManager:
     # -- resolution --------------------------------------------------------------------
 
     def _image(self, ref: Reference) -> tuple[Descriptor, Manifest, list[str]]:
-        """The platform manifest of ``ref`` and its diff IDs (cached per ref)."""
+        """The platform manifest of ``ref`` and its diff IDs (cached for RECHECK_SEC)."""
         key = str(ref)
         cached = self._images.get(key)
         if cached is not None and time.monotonic() - cached[0] < RECHECK_SEC:
             return cached[1:]
-        got = self.client.get_manifest(ref)
-        desc = Descriptor(got.media_type, got.digest, len(got.data))
-        data = got.data
-        if got.media_type in mt.INDEXES:
-            index = Index.parse(data, got.media_type)
-            match = next((m for m in index.manifests if m.media_type in mt.MANIFESTS
-                          and not m.artifact_type and m.platform is not None
-                          and m.platform.matches(self.platform)), None)
-            if match is None:
-                raise NotFoundError(f"{ref}: no manifest for {self.platform}")
-            data = self.client.get_manifest(ref.with_digest(match.digest)).data
-            desc = Descriptor(match.media_type, match.digest, len(data))
-        manifest = Manifest.parse(data, desc.media_type)
-        config = json.loads(self.client.get_blob(ref, manifest.config.digest))
-        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
-        self._images[key] = (time.monotonic(), desc, manifest, diff_ids)
-        return desc, manifest, diff_ids
+        source = RegistrySource(ImageName("registry", ref=ref), self.client)
+        image = resolve_image(source, [self.platform]).images[0]
+        ids = diff_ids(source, image)
+        self._images[key] = (time.monotonic(), image.desc, image.manifest, ids)
+        return image.desc, image.manifest, ids
 
     def get(self, ref_text: str, key: str) -> Layer | None:
         """The layer for a blob or TOC digest, or None when it is not served lazily."""

@@ -1,7 +1,7 @@
 """The zTOC: upstream SOCI's per-layer table of contents and gzip checkpoints."""
 
 from soci.ztoc.builder import BuildResult, build_ztoc
-from soci.ztoc.codec import decode, digest_of, encode
+from soci.ztoc.codec import decode, encode
 from soci.ztoc.extract import FileBlob, LayerReader, find_file
 from soci.ztoc.model import DEFAULT_SPAN_SIZE, Compression, FileMetadata, Ztoc
 from soci.ztoc.zinfo import GzipZinfo, TarZinfo, zinfo_of
@@ -18,7 +18,6 @@ __all__ = [
     "Ztoc",
     "build_ztoc",
     "decode",
-    "digest_of",
     "encode",
     "find_file",
     "zinfo_of",

@@ -6,8 +6,6 @@ builder calls), so a zTOC's digest is the same whichever tool wrote it.
 
 from __future__ import annotations
 
-import hashlib
-
 from soci._native import flatbuf
 from soci.errors import ZtocFormatError
 from soci.ztoc.model import Compression, FileMetadata, Ztoc
@@ -44,10 +42,6 @@ def decode(data: bytes) -> Ztoc:
     if any(entries[i].offset > entries[i + 1].offset for i in range(len(entries) - 1)):
         entries.sort(key=lambda e: e.offset)
     return Ztoc(version, tool, csize, usize, entries, compression, max_span, digests, checkpoints)
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 #: Limits that no real layer reaches and that keep a hostile zTOC from exhausting memory.
