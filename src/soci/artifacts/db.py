@@ -51,8 +51,15 @@ CREATE TABLE IF NOT EXISTS image_refs (
 """
 
 
+def timestamp(seconds: float | None = None) -> str:
+    """RFC 3339 UTC, to the second: now, or ``seconds`` since the epoch."""
+    when = dt.datetime.now(dt.UTC) if seconds is None else dt.datetime.fromtimestamp(
+        seconds, dt.UTC)
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return timestamp()
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,9 @@ and config are present, the platform.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
-from soci.artifacts.db import IndexRecord, ZtocRecord
+from soci.artifacts.db import IndexRecord, ZtocRecord, timestamp
 from soci.artifacts.store import LocalStore
 from soci.errors import SociError
 from soci.index.model import SociIndex, ztoc_layer
@@ -22,9 +21,7 @@ _MAX_INDEX_SIZE = 4 << 20
 
 
 def _mtime(store: LocalStore, digest: str) -> str:
-    stamp = store.content.blob_path(digest).stat().st_mtime
-    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return timestamp(store.content.blob_path(digest).stat().st_mtime)
 
 
 def _platform(store: LocalStore, manifest_digest: str) -> str:
