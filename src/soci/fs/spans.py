@@ -83,7 +83,7 @@ class SpanManager:
             if data is None or len(data) < need:
                 if data is None:
                     self._ensure(span, ahead)
-                data = self.span(span, need)
+                data = self._inflate(span, need, data)
             pieces.append(data[max(offset - lo, 0) : end - lo])
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -102,25 +102,20 @@ class SpanManager:
         self.last_access = time.monotonic()
         return data[offset - lo : end - lo]
 
-    def span(self, span: int, need: int | None = None) -> bytes:
-        """A span's uncompressed bytes (at least its first ``need``), from memory or inflated
-        from verified compressed bytes.
+    def _inflate(self, span: int, need: int, partial: bytes | None) -> bytes:
+        """A span's bytes inflated from its verified compressed bytes.
 
-        A first small read inflates only a prefix of the span (rounded up); a later read
-        beyond it inflates the whole span, so a span is inflated at most twice.
+        A first small read inflates only a prefix of at least ``need`` bytes (rounded up);
+        a later read beyond it inflates the whole span, so a span is inflated at most twice.
         """
         lo, hi = self._uncompressed_range(span)
         full = hi - lo
-        need = full if need is None else need
-        data = self.memory.get((self.key, span))
-        if data is not None and len(data) >= need:
-            return data
         comp = self._compressed(span)
         if isinstance(self.zinfo, TarZinfo):
             data = comp[:full]
         else:
             length = full
-            if data is None and need < full // 2:
+            if partial is None and need < full // 2:
                 length = min(full, -(-need // self.PREFIX_STEP) * self.PREFIX_STEP)
             out = bytearray(length)
             got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), 0, out)
