@@ -10,7 +10,6 @@ that is being fetched wait for that one fetch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from soci._native.zran import inflate_range
 from soci.errors import DigestMismatchError, LayerFormatError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.ztoc import GzipZinfo, TarZinfo, Ztoc, zinfo_of
+from soci.ztoc.extract import SpanMismatch, split_verified
 
 log = logging.getLogger("soci.spans")
 
@@ -204,18 +204,10 @@ class SpanManager:
             blob = self.fetch(start, end)
             self.fetches += 1
             self.bytes_fetched += len(blob)
-            out: dict[int, bytes] = {}
-            bad = None
-            for span in range(first, last + 1):
-                lo = self.zinfo.compressed_start(span) - start
-                hi = self.zinfo.compressed_end(span) - start
-                piece = blob[lo:hi]
-                if "sha256:" + hashlib.sha256(piece).hexdigest() != self.ztoc.span_digests[span]:
-                    bad = span
-                    break
-                out[span] = piece
-            if bad is None:
-                return out
+            try:
+                return split_verified(self.ztoc, self.zinfo, blob, start, first, last)
+            except SpanMismatch as e:
+                bad = e.span
             self.verify_failures += 1
             log.warning("layer %s: span %d failed verification (attempt %d)", self.key, bad,
                         attempt)

@@ -51,6 +51,28 @@ class FileBlob:
         self.close()
 
 
+class SpanMismatch(DigestMismatchError):
+    """A span's compressed bytes do not match its digest in the zTOC."""
+
+    def __init__(self, span: int) -> None:
+        super().__init__(f"span {span} of the layer does not match its digest in the zTOC")
+        self.span = span
+
+
+def split_verified(ztoc: Ztoc, zinfo: GzipZinfo | TarZinfo, comp: bytes, base: int,
+                   first: int, last: int) -> dict[int, bytes]:
+    """Cut compressed bytes starting at offset ``base`` into spans first..last, each checked
+    against its span digest (``SpanMismatch`` names the first that is wrong)."""
+    view = memoryview(comp)
+    out: dict[int, bytes] = {}
+    for span in range(first, last + 1):
+        piece = view[zinfo.compressed_start(span) - base : zinfo.compressed_end(span) - base]
+        if "sha256:" + hashlib.sha256(piece).hexdigest() != ztoc.span_digests[span]:
+            raise SpanMismatch(span)
+        out[span] = piece.tobytes()
+    return out
+
+
 class LayerReader:
     """Random access to a layer's uncompressed tar stream through its zTOC."""
 
@@ -72,7 +94,7 @@ class LayerReader:
         last = zinfo.span_of(offset + size - 1)
         start = zinfo.compressed_start(first)
         comp = self.blob.read_at(start, zinfo.compressed_end(last) - start)
-        self._verify(comp, start, first, last)
+        split_verified(self.ztoc, zinfo, comp, start, first, last)
         if isinstance(zinfo, TarZinfo):
             data = comp[offset - start : offset - start + size]
             got = len(data)
@@ -87,17 +109,6 @@ class LayerReader:
                 f"layer ended early: got {got} of {size} bytes at uncompressed offset {offset}"
             )
         return data
-
-    def _verify(self, comp: bytes, base: int, first: int, last: int) -> None:
-        view = memoryview(comp)
-        for span in range(first, last + 1):
-            lo = self.zinfo.compressed_start(span) - base
-            hi = self.zinfo.compressed_end(span) - base
-            digest = "sha256:" + hashlib.sha256(view[lo:hi]).hexdigest()
-            if digest != self.ztoc.span_digests[span]:
-                raise DigestMismatchError(
-                    f"span {span} of the layer does not match its digest in the zTOC"
-                )
 
     def read_file(self, entry: FileMetadata) -> bytes:
         return self.read(entry.offset, entry.size)
