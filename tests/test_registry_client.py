@@ -196,7 +196,7 @@ def test_get_manifest_docker_schema2(registry: Registry, layout: Layout,
     doc = manifest.json()
     assert doc["schemaVersion"] == 2
     assert len(doc["layers"]) == len(layout.layers)
-    config = client.get_blob(ref, doc["config"]["digest"])
+    config = client.get_blob(ref, doc["config"]["digest"], size=doc["config"]["size"])
     assert json.loads(config)["rootfs"]["type"] == "layers"
     head = client.head_manifest(ref)
     assert head is not None and head.media_type == DOCKER_MANIFEST
@@ -213,7 +213,7 @@ def test_missing_things_are_not_found(registry: Registry, client: RegistryClient
     with pytest.raises(NotFoundError, match="test/nothing"):
         client.get_manifest(ref_of(registry.host, "test/nothing:v1"))
     with pytest.raises(NotFoundError, match="BLOB_UNKNOWN"):
-        client.get_blob(ref_of(registry.host, "test/img:v1"), f"sha256:{HEX}")
+        client.get_blob(ref_of(registry.host, "test/img:v1"), f"sha256:{HEX}", size=1)
     with pytest.raises(NotFoundError, match="404"):
         client.open_blob(ref_of(registry.host, "test/img:v1"), f"sha256:{HEX}")
     assert not client.blob_exists(ref_of(registry.host, "test/img:v1"), f"sha256:{HEX}")
@@ -229,7 +229,7 @@ def test_blobs_whole_ranged_streamed(registry: Registry, layout: Layout,
     ref = ref_of(registry.host, "test/img:v1")
     for digest, blob in ((la.digest, la.blob) for la in layout.layers):
         assert client.blob_exists(ref, digest)
-        assert client.get_blob(ref, digest) == blob
+        assert client.get_blob(ref, digest, size=len(blob)) == blob
         assert client.get_blob_range(ref, digest, 0, 10) == blob[:10]
         assert client.get_blob_range(ref, digest, 5, len(blob)) == blob[5:]
         assert client.get_blob_range(ref, digest, len(blob) - 3, len(blob) + 100) == blob[-3:]
@@ -253,7 +253,7 @@ def test_push_small_and_large_blobs(registry: Registry) -> None:
         small = b"small blob " * 100
         assert client.push_blob(ref, digest_of(small), small) is True
         assert client.push_blob(ref, digest_of(small), small) is False  # already there
-        assert client.get_blob(ref, digest_of(small)) == small
+        assert client.get_blob(ref, digest_of(small), size=len(small)) == small
         assert not any(line.startswith("PATCH") for line in proxy.counters.seen)
 
         large = os.urandom(20 << 20)
@@ -261,7 +261,7 @@ def test_push_small_and_large_blobs(registry: Registry) -> None:
         assert client.push_blob(ref, digest, io.BytesIO(large), size=len(large)) is True
         patches = [line for line in proxy.counters.seen if line.startswith("PATCH")]
         assert len(patches) == 5
-        assert client.get_blob(ref, digest) == large
+        assert client.get_blob(ref, digest, size=len(large)) == large
         with client.open_blob(ref, digest) as stream:
             assert stream.read() == large
 
@@ -387,7 +387,8 @@ def test_basic_auth_with_auth_file(basic_registry: Registry, layout: Layout, tmp
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
     client = make_client()
     assert client.get_manifest(ref).digest == layout.manifest_digest
-    assert client.get_blob(ref, layout.layers[0].digest) == layout.layers[0].blob
+    assert client.get_blob(ref, layout.layers[0].digest,
+                           size=len(layout.layers[0].blob)) == layout.layers[0].blob
     pushed = b"pushed with basic auth"
     assert client.push_blob(ref, digest_of(pushed), pushed)
 
@@ -474,7 +475,7 @@ def test_token_auth(token_setup: tuple[TokenServer, Registry], layout: Layout) -
     before = tokens.requests
     assert client.get_manifest(ref).digest == layout.manifest_digest
     for digest, blob in ((la.digest, la.blob) for la in layout.layers):
-        assert client.get_blob(ref, digest) == blob
+        assert client.get_blob(ref, digest, size=len(blob)) == blob
         assert client.get_blob_range(ref, digest, 1, 4) == blob[1:4]
     client.head_manifest(ref)
     assert tokens.requests - before == 1  # one pull token, cached
@@ -489,7 +490,7 @@ def test_token_auth(token_setup: tuple[TokenServer, Registry], layout: Layout) -
     with client._lock:
         for key in client._tokens:
             client._tokens[key] = ("not-a-valid-token", client._tokens[key][1])
-    assert client.get_blob(ref, digest_of(data)) == data
+    assert client.get_blob(ref, digest_of(data), size=len(data)) == data
     assert tokens.requests - before == 3
 
     wrong = make_client(credentials={reg.host: (USER, "WRONG-password")})
@@ -531,7 +532,8 @@ def test_retries_transient_statuses(proxy: FaultProxy, layout: Layout) -> None:
 
     proxy.fail(1, 429, retry_after="1")
     started = time.monotonic()
-    assert client.get_blob(ref, layout.layers[0].digest) == layout.layers[0].blob
+    assert client.get_blob(ref, layout.layers[0].digest,
+                           size=len(layout.layers[0].blob)) == layout.layers[0].blob
     assert time.monotonic() - started >= 0.9  # Retry-After was honoured
     assert proxy.injected("status") == 3
 
@@ -555,7 +557,7 @@ def test_retries_dropped_connections(proxy: FaultProxy, layout: Layout) -> None:
     ref = ref_of(proxy.host, "test/img:v1")
     digest, blob = layout.layers[0].digest, layout.layers[0].blob
     proxy.drop(1, match="/blobs/")
-    assert client.get_blob(ref, digest) == blob
+    assert client.get_blob(ref, digest, size=len(blob)) == blob
     proxy.drop(1, match="/blobs/")
     with client.open_blob(ref, digest) as stream:
         assert stream.read() == blob
@@ -569,7 +571,7 @@ def test_corruption_is_detected(proxy: FaultProxy, layout: Layout) -> None:
     digest = layout.layers[0].digest
     proxy.corrupt(1, match="/blobs/")
     with pytest.raises(DigestMismatchError, match=digest):
-        client.get_blob(ref, digest)
+        client.get_blob(ref, digest, size=len(layout.layers[0].blob))
     proxy.corrupt(1, match="/blobs/")
     with pytest.raises(DigestMismatchError), client.open_blob(ref, digest) as stream:
         stream.read()
@@ -589,12 +591,12 @@ def test_upload_restarts_after_transient_failure(proxy: FaultProxy) -> None:
     small = b"monolithic " * 50
     proxy.fail(1, 503, match="PUT /v2/test/restarted/blobs/uploads/")
     assert client.push_blob(ref, digest_of(small), small)
-    assert client.get_blob(ref, digest_of(small)) == small
+    assert client.get_blob(ref, digest_of(small), size=len(small)) == small
 
     large = os.urandom(300 << 10)
     proxy.fail(1, 502, match="PATCH /v2/test/restarted/blobs/uploads/")
     assert client.push_blob(ref, digest_of(large), io.BytesIO(large))
-    assert client.get_blob(ref, digest_of(large)) == large
+    assert client.get_blob(ref, digest_of(large), size=len(large)) == large
     assert proxy.injected("status") == 2
     posts = [line for line in proxy.counters.seen if line.startswith("POST")]
     assert len(posts) == 4  # each upload started twice

@@ -32,7 +32,16 @@ class ResolvedImage:
     images: list[PlatformImage]
 
 
+#: The largest image config read (into memory): 4 MiB, as containers/image
+#: (``iolimits.MaxConfigBodySize``); podman cannot pull an image with a larger one anyway.
+MAX_CONFIG_SIZE = 4 << 20
+
+
 def _read_config(source: ImageSource, manifest: Manifest) -> dict[str, Any]:
+    """The config, read no further than its descriptor's size (sources stop a longer body)."""
+    if manifest.config.size > MAX_CONFIG_SIZE:
+        raise SociError(f"image config {manifest.config.digest} is {manifest.config.size} "
+                        f"bytes, more than the {MAX_CONFIG_SIZE} accepted")
     with source.open_blob(manifest.config) as f:
         data = b"".join(iter(lambda: f.read(1 << 20), b""))
     try:

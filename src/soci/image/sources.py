@@ -52,11 +52,12 @@ class RegistrySource:
         return Descriptor(media_type, got.digest, len(got.data)), got.data
 
     def manifest(self, desc: Descriptor) -> bytes:
-        return self.client.get_manifest(self.ref.with_digest(desc.digest)).data
+        # Bounded by the descriptor: a registry sending more is refused after size + 1 bytes.
+        return self.client.get_manifest(self.ref.with_digest(desc.digest), size=desc.size).data
 
     def open_blob(self, desc: Descriptor, verify: bool = True) -> BinaryIO:
         return self.client.open_blob(self.ref, desc.digest,  # type: ignore[return-value]
-                                     verify=verify)
+                                     size=desc.size, verify=verify)
 
     def close(self) -> None:
         pass

@@ -49,7 +49,7 @@ def _fetch(client: RegistryClient, ref: Reference, store: LocalStore, digest: st
                         f"not {manifest_desc.digest}")
     for z in index.ztocs():
         if not store.content.has_blob(z.digest):
-            store.content.write_blob(client.get_blob(ref, z.digest), z.digest)
+            store.content.write_blob(client.get_blob(ref, z.digest, size=z.size), z.digest)
         layer_digest, span = ztoc_layer(z)
         store.db.put_ztoc(ZtocRecord(z.digest, z.size, layer_digest,
                                      (z.annotations or {}).get(mt.ANN_LAYER_MEDIA_TYPE, ""),

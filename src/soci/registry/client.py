@@ -65,11 +65,23 @@ DEFAULT_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MAN
 DEFAULT_USER_AGENT = f"soci-py/{__version__}"
 #: Uploads up to this size go in one PUT; larger ones are sent in PATCH chunks this big.
 DEFAULT_CHUNK_SIZE = 8 << 20
-#: Registries commonly refuse manifests above 4 MiB; anything much larger is not one.
-MAX_MANIFEST_SIZE = 8 << 20
+#: The largest manifest accepted: 4 MiB, the limit of the distribution registry and of
+#: containers/image (``iolimits.MaxManifestBodySize``). Referrers listings (image indexes)
+#: are held to it too.
+MAX_MANIFEST_SIZE = 4 << 20
 
 _MAX_REDIRECTS = 5
+#: How much of an answer whose body is only read for its message (errors, upload replies).
 _MAX_ERROR_BODY = 64 << 10
+#: A bearer-token answer (containers/image: ``iolimits.MaxAuthTokenBodySize``, 1 MiB).
+_MAX_TOKEN_BODY = 1 << 20
+#: One page of a tag list (a registry without pagination sends all tags at once).
+_MAX_TAG_PAGE = 16 << 20
+#: Unread body left on a connection that is still worth draining to reuse it; past this
+#: the connection is closed instead.
+_MAX_DRAIN = 64 << 10
+#: Read size when skipping or draining a body (bounds the memory of a skip).
+_SKIP_CHUNK = 1 << 20
 _MAX_PAGES = 10_000
 _MAX_RETRY_AFTER = 30.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -218,6 +230,8 @@ class _Response:
         self.status = raw.status
         self.headers = raw.headers
         self.body = body
+        #: The body was larger than the reader's limit (it was not read: ``body`` is empty).
+        self.oversize = False
 
     @property
     def data(self) -> bytes:
@@ -231,12 +245,82 @@ class _Response:
         return self.body
 
     def discard(self) -> None:
-        """Give the connection back: drained if the rest is small, else closed."""
-        try:
-            self.raw.drain_conn()
-        except (urllib3.exceptions.HTTPError, OSError):
-            self.raw.close()
-        self.raw.release_conn()
+        """Give the connection back: drained if the rest is small, else closed.
+
+        Not urllib3's ``drain_conn``: that reads the whole rest into memory, however
+        large a body the server chose to send.
+        """
+        _drain_or_close(self.raw)
+
+
+def _drain_or_close(raw: urllib3.BaseHTTPResponse) -> None:
+    """Read off at most ``_MAX_DRAIN`` bytes so the connection can be reused, else close it."""
+    try:
+        left = _MAX_DRAIN
+        while left > 0:
+            chunk = raw.read(min(left, 16 << 10))
+            if not chunk:
+                break
+            left -= len(chunk)
+        else:
+            raw.close()
+    except (urllib3.exceptions.HTTPError, OSError):
+        raw.close()
+    raw.release_conn()
+
+
+def _declared_length(headers: Mapping[str, str]) -> int | None:
+    length = headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def _read_bounded(resp: _Response, limit: int) -> None:
+    """Read the body into ``resp.body``, at most ``limit`` bytes of it.
+
+    A body that says (Content-Length) or turns out to be larger is not kept: the
+    connection is closed (nothing more is read) and ``resp.oversize`` is set, for the
+    caller to refuse with its own words.
+    """
+    raw = resp.raw
+    data = bytearray()
+    declared = _declared_length(resp.headers)
+    if declared is not None and declared > limit:
+        resp.oversize = True
+    else:
+        # Until EOF (a body cut short then raises, for the retry loop) or one byte too many.
+        while len(data) <= limit:
+            chunk = raw.read(min(limit + 1 - len(data), _SKIP_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > limit:
+            data = bytearray()
+            resp.oversize = True
+    if resp.oversize:
+        raw.close()
+    raw.release_conn()
+    resp.body = bytes(data)
+
+
+def _read_slice(resp: _Response, skip: int, amount: int) -> None:
+    """Read bytes ``[skip, skip + amount)`` of the body into ``resp.body``, in bounded
+    reads, then close the connection rather than read (or buffer) the rest."""
+    raw = resp.raw
+    while skip > 0:
+        skipped = raw.read(min(skip, _SKIP_CHUNK))
+        if not skipped:
+            break
+        skip -= len(skipped)
+    parts: list[bytes] = []
+    while amount > 0 and skip == 0:
+        part = raw.read(min(amount, _SKIP_CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        amount -= len(part)
+    raw.close()
+    raw.release_conn()
+    resp.body = b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -267,6 +351,8 @@ class BlobReader(io.RawIOBase):
 
     At EOF the digest and the length are checked (``DigestMismatchError``); a connection
     dropped mid-body is resumed with a Range request, up to the client's retry count.
+    With ``expected_size`` (the descriptor's size) no more than that many bytes (and one
+    to notice) are ever read: a longer body fails as soon as it shows.
     """
 
     def __init__(
@@ -276,6 +362,7 @@ class BlobReader(io.RawIOBase):
         digest: str,
         response: _Response,
         verify: bool = True,
+        expected_size: int | None = None,
     ) -> None:
         super().__init__()
         self._client = client
@@ -284,8 +371,10 @@ class BlobReader(io.RawIOBase):
         self._response: urllib3.BaseHTTPResponse | None = response.raw
         # verify=False: the caller hashes the bytes itself (the zTOC builder does).
         self._hasher = hashlib.new(digest.split(":", 1)[0]) if verify else None
-        length = response.headers.get("Content-Length")
-        self.size: int | None = int(length) if length and length.isdigit() else None
+        self._bounded = expected_size is not None
+        self.size: int | None = (
+            expected_size if expected_size is not None else _declared_length(response.headers)
+        )
         self._pos = 0
         self._resumes = 0
         self._done = False
@@ -299,14 +388,8 @@ class BlobReader(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         if len(view) == 0:
             return 0
-        chunk = self._read_some(len(view))
-        if not chunk:
-            self._finish()
-            return 0
+        chunk = self._take(len(view))
         view[: len(chunk)] = chunk
-        if self._hasher is not None:
-            self._hasher.update(chunk)
-        self._pos += len(chunk)
         return len(chunk)
 
     def read(self, size: int | None = -1) -> bytes:
@@ -315,10 +398,22 @@ class BlobReader(io.RawIOBase):
             return self.readall()
         if self._done or self.closed or size == 0:
             return b""
-        chunk = self._read_some(size)
+        return self._take(size)
+
+    def _take(self, amount: int) -> bytes:
+        """The next at most ``amount`` bytes, hashed and counted; b"" (checked) at EOF."""
+        if self._bounded:
+            assert self.size is not None
+            # Never ask for more than the rest of the declared size and one byte beyond.
+            amount = min(amount, self.size - self._pos + 1)
+        chunk = self._read_some(amount)
         if not chunk:
             self._finish()
             return b""
+        if self._bounded and self._pos + len(chunk) > (self.size or 0):
+            self._release()  # closes the connection: the rest of the body is never read
+            self._done = True
+            raise _too_large(self._target, f"blob {self._digest}", self.size or 0)
         if self._hasher is not None:
             self._hasher.update(chunk)
         self._pos += len(chunk)
@@ -396,6 +491,12 @@ class BlobReader(io.RawIOBase):
         if not self.closed:
             self._release()
         super().close()
+
+
+def _too_large(target: _Target, what: str, size: int) -> DigestMismatchError:
+    return DigestMismatchError(
+        f"{target.label}: {what} is larger than its descriptor says ({size} bytes)"
+    )
 
 
 class RegistryClient:
@@ -482,25 +583,34 @@ class RegistryClient:
 
     # -- manifests -----------------------------------------------------------------------
 
-    def get_manifest(self, ref: Reference, accept: str = DEFAULT_ACCEPT) -> Manifest:
+    def get_manifest(
+        self, ref: Reference, accept: str = DEFAULT_ACCEPT, *, size: int | None = None
+    ) -> Manifest:
         """Fetch the manifest ``ref`` names (its digest if it has one, else its tag).
 
         The bytes are checked against the reference's digest, else against the
-        registry's ``Docker-Content-Digest``.
+        registry's ``Docker-Content-Digest``. At most ``MAX_MANIFEST_SIZE`` bytes are
+        read, and at most ``size`` (the descriptor's size, when the caller has one).
         """
-        return self._on_endpoints(ref, lambda t: self._get_manifest(t, accept))
+        return self._on_endpoints(ref, lambda t: self._get_manifest(t, accept, size))
 
-    def _get_manifest(self, target: _Target, accept: str) -> Manifest:
+    def _get_manifest(self, target: _Target, accept: str, size: int | None = None) -> Manifest:
         ref = target.ref
         path = f"/v2/{target.repository}/manifests/{ref.identifier}"
-        resp = self._request(
-            "GET", target, path, headers={"Accept": accept}, limit=MAX_MANIFEST_SIZE
-        )
+        limit = MAX_MANIFEST_SIZE if size is None else min(size, MAX_MANIFEST_SIZE)
+        resp = self._request("GET", target, path, headers={"Accept": accept}, limit=limit)
         if resp.status != 200:
             raise self._error(resp, target, "manifest")
-        data = resp.data
-        if len(data) > MAX_MANIFEST_SIZE:
+        if resp.oversize:
+            if size is not None and size <= MAX_MANIFEST_SIZE:
+                raise _too_large(target, f"manifest {ref.identifier}", size)
             raise RegistryError(f"{target.label}: manifest larger than {MAX_MANIFEST_SIZE} bytes")
+        data = resp.data
+        if size is not None and len(data) != size:
+            raise DigestMismatchError(
+                f"{target.label}: manifest {ref.identifier}: got {len(data)} bytes, "
+                f"its descriptor says {size}"
+            )
         computed = digest_of(data)
         expected = ref.digest or resp.headers.get("Docker-Content-Digest")
         if expected:
@@ -583,7 +693,7 @@ class RegistryClient:
         path = f"/v2/{target.repository}/tags/list"
         if page_size is not None:
             path += f"?n={int(page_size)}"
-        for page in self._pages(target, path, "tag list"):
+        for page in self._pages(target, path, "tag list", limit=_MAX_TAG_PAGE):
             page_tags = page.get("tags") or []
             if not isinstance(page_tags, list):
                 raise RegistryError(f"{target.label}: tag list is not a list")
@@ -605,16 +715,30 @@ class RegistryClient:
             return False
         raise self._error(resp, target, f"blob {digest}")
 
-    def get_blob(self, ref: Reference, digest: str) -> bytes:
-        """The whole blob, checked against ``digest``."""
-        validate_digest(digest)
-        return self._on_endpoints(ref, lambda t: self._get_blob(t, digest))
+    def get_blob(self, ref: Reference, digest: str, *, size: int) -> bytes:
+        """The whole blob, checked against ``digest`` and ``size`` (its descriptor's).
 
-    def _get_blob(self, target: _Target, digest: str) -> bytes:
-        resp = self._request("GET", target, f"/v2/{target.repository}/blobs/{digest}")
+        The size is required: a blob read into memory is bounded by what its descriptor
+        declares, so a registry sending more costs ``size + 1`` bytes, not the lot. (For
+        blobs of unknown size, stream them with :meth:`open_blob`.)
+        """
+        validate_digest(digest)
+        if size < 0:
+            raise ValueError(f"invalid blob size {size}")
+        return self._on_endpoints(ref, lambda t: self._get_blob(t, digest, size))
+
+    def _get_blob(self, target: _Target, digest: str, size: int) -> bytes:
+        resp = self._request("GET", target, f"/v2/{target.repository}/blobs/{digest}",
+                             limit=size)
         if resp.status != 200:
             raise self._error(resp, target, f"blob {digest}")
+        if resp.oversize:
+            raise _too_large(target, f"blob {digest}", size)
         data = resp.data
+        if len(data) != size:
+            raise DigestMismatchError(
+                f"{target.label}: blob {digest}: short read, got {len(data)} of {size} bytes"
+            )
         actual = digest_of(data, digest.split(":", 1)[0])
         if actual != digest:
             raise DigestMismatchError(
@@ -622,26 +746,42 @@ class RegistryClient:
             )
         return data
 
-    def open_blob(self, ref: Reference, digest: str, *, verify: bool = True) -> BlobReader:
+    def open_blob(
+        self, ref: Reference, digest: str, *, size: int | None = None, verify: bool = True
+    ) -> BlobReader:
         """The blob as a stream (``read(n)``, ``close()``, context manager); the digest
         and length are checked when EOF is read (the digest only with ``verify``: pass
-        False only when the consumer hashes every byte itself before using any)."""
+        False only when the consumer hashes every byte itself before using any).
+
+        ``size`` is the descriptor's size: pass it whenever there is one. The stream then
+        ends in ``DigestMismatchError`` as soon as the body proves longer (or says so in
+        its Content-Length), instead of streaming whatever the registry sends."""
         validate_digest(digest)
+        if size is not None and size < 0:
+            raise ValueError(f"invalid blob size {size}")
 
         def open_on(target: _Target) -> BlobReader:
             path = f"/v2/{target.repository}/blobs/{digest}"
             resp = self._request("GET", target, path, read_body=False)
             if resp.status != 200:
                 raise self._error(resp, target, f"blob {digest}")
-            return BlobReader(self, target, digest, resp, verify)
+            declared = _declared_length(resp.headers)
+            if size is not None and declared is not None and declared > size:
+                resp.raw.close()
+                resp.raw.release_conn()
+                raise _too_large(target, f"blob {digest}", size)
+            return BlobReader(self, target, digest, resp, verify, size)
 
         return self._on_endpoints(ref, open_on)
 
     def get_blob_range(self, ref: Reference, digest: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a blob (fewer only if the blob ends before ``end``).
 
-        A registry that ignores Range and sends the whole blob is tolerated: the body is
-        then verified and sliced.
+        A registry that ignores Range and sends the whole blob (``200``) is tolerated:
+        the first ``start`` bytes are skipped in bounded reads, the ``end - start`` wanted
+        are kept and the connection is closed on the rest, so memory stays bounded by the
+        range whatever the blob's size. Like any ranged read, the bytes are not checked
+        against the blob digest (callers check their span digests).
         """
         validate_digest(digest)
         if not 0 <= start <= end:
@@ -652,9 +792,27 @@ class RegistryClient:
 
     def _get_blob_range(self, target: _Target, digest: str, start: int, end: int) -> bytes:
         path = f"/v2/{target.repository}/blobs/{digest}"
-        resp = self._request("GET", target, path, headers={"Range": f"bytes={start}-{end - 1}"})
+        resp = self._request(
+            "GET",
+            target,
+            path,
+            headers={"Range": f"bytes={start}-{end - 1}"},
+            limit=end - start,
+            range_start=start,
+        )
         what = f"blob {digest}"
         if resp.status == 206:
+            if resp.oversize:
+                raise RegistryError(
+                    f"{target.label}: {what}: range [{start}, {end}) answered with more than "
+                    f"{end - start} bytes"
+                )
+            first = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+            if first.strip().isdigit() and int(first) != start:
+                raise RegistryError(
+                    f"{target.label}: {what}: range [{start}, {end}) answered from offset "
+                    f"{int(first)}"
+                )
             data = resp.data
             if len(data) != end - start:
                 total = resp.headers.get("Content-Range", "").rpartition("/")[2]
@@ -666,11 +824,8 @@ class RegistryClient:
                     )
             return data
         if resp.status == 200:
-            data = resp.data
-            actual = digest_of(data, digest.split(":", 1)[0])
-            if actual != digest:
-                raise DigestMismatchError(f"{target.label}: {what}: content has digest {actual}")
-            return data[start:end]
+            # The registry ignored Range: the request read only [start, end) of the body.
+            return resp.data
         if resp.status == 416:
             raise RegistryError(
                 f"{target.label}: {what}: range [{start}, {end}) is past the end of the blob",
@@ -864,7 +1019,8 @@ class RegistryClient:
             path += "?" + urllib.parse.urlencode({"artifactType": artifact_type})
         found: list[dict[str, Any]] = []
         try:
-            for page in self._pages(target, path, "referrers", accept=OCI_INDEX):
+            for page in self._pages(target, path, "referrers", accept=OCI_INDEX,
+                                    limit=MAX_MANIFEST_SIZE):
                 found.extend(_descriptors(page))
         except _NoReferrersApi:
             with self._lock:
@@ -900,9 +1056,16 @@ class RegistryClient:
         return action(_Target(ref, endpoints[-1]))
 
     def _pages(
-        self, target: _Target, path: str, what: str, accept: str = "application/json"
+        self,
+        target: _Target,
+        path: str,
+        what: str,
+        *,
+        limit: int,
+        accept: str = "application/json",
     ) -> list[dict[str, Any]]:
-        """GET a JSON listing and every page its ``Link: <...>; rel="next"`` headers name."""
+        """GET a JSON listing and every page its ``Link: <...>; rel="next"`` headers name
+        (each page at most ``limit`` bytes)."""
         pages: list[dict[str, Any]] = []
         seen: set[str] = set()
         url: str | None = path
@@ -910,11 +1073,13 @@ class RegistryClient:
             if url is None or url in seen:
                 break
             seen.add(url)
-            resp = self._request("GET", target, url, headers={"Accept": accept})
+            resp = self._request("GET", target, url, headers={"Accept": accept}, limit=limit)
             if what == "referrers" and resp.status in _NO_REFERRERS_API:
                 raise _NoReferrersApi
             if resp.status != 200:
                 raise self._error(resp, target, what)
+            if resp.oversize:
+                raise RegistryError(f"{target.label}: {what} page larger than {limit} bytes")
             try:
                 page = json.loads(resp.data)
                 if not isinstance(page, dict):
@@ -943,15 +1108,16 @@ class RegistryClient:
         if scheme is None:
             scheme = "https"
             try:
-                resp = self._pool_for(True).request(
+                probe = self._pool_for(True).request(
                     "GET",
                     f"https://{host}/v2/",
                     headers={"User-Agent": self.user_agent},
                     retries=False,
                     redirect=False,
+                    preload_content=False,
                     timeout=self._timeout,
                 )
-                resp.release_conn()
+                _drain_or_close(probe)
             except (urllib3.exceptions.HTTPError, OSError):
                 scheme = "http"
             with self._lock:
@@ -990,18 +1156,23 @@ class RegistryClient:
         body: bytes | None = None,
         idempotent: bool = True,
         read_body: bool = True,
-        limit: int | None = None,
+        limit: int = _MAX_ERROR_BODY,
+        range_start: int | None = None,
     ) -> _Response:
         """Send one API request with authentication, redirects and retries.
 
         Returns the response for any status the caller should judge (2xx, 404, ...);
         raises for 401/403 (:class:`AuthError`) and for transient failures that outlived
-        the retries. With ``read_body`` the body is read inside the retry loop (so a
-        connection dropped mid-body is retried too), at most ``limit + 1`` bytes of it.
+        the retries. With ``read_body`` a 2xx body is read inside the retry loop (so a
+        connection dropped mid-body is retried too), at most ``limit`` bytes of it
+        (``resp.oversize`` if larger; nothing beyond ``limit + 1`` is read); an error
+        body is read on demand, 64 KiB at most (``resp.data``). ``range_start``: the
+        request asks for a range from there; a ``200`` (Range ignored) then yields just
+        ``limit`` bytes from that offset.
         """
         base = self._base_url(target)
         url = urllib.parse.urljoin(base + "/", path_or_url)
-        same_host = urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(base).netloc
+        same_host = _may_carry_credentials(base, url)
         auth_retried = False
         # At most: the first try, and one more after learning or renewing credentials.
         for _ in range(2):
@@ -1019,6 +1190,7 @@ class RegistryClient:
                 insecure=target.endpoint.insecure,
                 read_body=read_body,
                 limit=limit,
+                range_start=range_start,
                 label=target.label,
             )
             if resp.status == 401 and not auth_retried and same_host:
@@ -1042,9 +1214,11 @@ class RegistryClient:
         insecure: bool,
         read_body: bool,
         label: str,
-        limit: int | None = None,
+        limit: int = _MAX_ERROR_BODY,
+        range_start: int | None = None,
     ) -> _Response:
-        """One HTTP exchange with transport/429/5xx retries and redirects followed."""
+        """One HTTP exchange with transport/429/5xx retries and redirects followed; the
+        body is read as :meth:`_request` describes."""
         deadline = time.monotonic() + self.max_retry_time
         host = urllib.parse.urlsplit(url).netloc
         path = urllib.parse.urlsplit(url).path
@@ -1053,11 +1227,15 @@ class RegistryClient:
             try:
                 raw = self._send(method, url, headers, body, insecure)
                 resp = _Response(raw)
-                if read_body or method == "HEAD":
-                    resp.body = raw.read() if limit is None else raw.read(limit + 1)
-                    if limit is not None and len(resp.body) > limit:
-                        raw.close()
-                    raw.release_conn()
+                if method == "HEAD":
+                    resp.body = b""
+                    _drain_or_close(raw)
+                elif read_body and 200 <= raw.status < 300:
+                    if raw.status == 200 and range_start is not None:
+                        _read_slice(resp, range_start, limit)
+                    else:
+                        _read_bounded(resp, limit)
+                # Other answers keep their body unread: ``resp.data`` takes 64 KiB at most.
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 if isinstance(e, urllib3.exceptions.SSLError):
                     raise RegistryError(
@@ -1102,7 +1280,10 @@ class RegistryClient:
         body: bytes | None,
         insecure: bool,
     ) -> urllib3.BaseHTTPResponse:
-        """Send with redirects followed; ``Authorization`` is not carried to other hosts."""
+        """Send with redirects followed; ``Authorization`` is dropped for good at the first
+        redirect to another host or from HTTPS to plain HTTP (see _may_carry_credentials).
+        Bodies are never decoded (we ask for ``identity``): bytes are hashed as sent, and a
+        small compressed answer cannot inflate into a large one."""
         headers = dict(headers)
         for _ in range(_MAX_REDIRECTS + 1):
             pool = self._pool_for(insecure and url.startswith("https:"))
@@ -1116,6 +1297,7 @@ class RegistryClient:
                 retries=False,
                 redirect=False,
                 preload_content=False,
+                decode_content=False,
                 timeout=self._timeout,
             )
             location = raw.headers.get("Location")
@@ -1123,7 +1305,7 @@ class RegistryClient:
                 return raw
             _Response(raw).discard()
             new_url = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(new_url).netloc != urllib.parse.urlsplit(url).netloc:
+            if not _may_carry_credentials(url, new_url):
                 headers.pop("Authorization", None)
             if raw.status == 303:
                 method, body = "GET", None
@@ -1268,7 +1450,7 @@ class RegistryClient:
             insecure=target.endpoint.insecure,
             read_body=True,
             label=target.label,
-            limit=1 << 20,
+            limit=_MAX_TOKEN_BODY,
         )
         if resp.status in (401, 403):
             who = f"the credentials for {target.endpoint.registry}" if creds else "anonymous access"
@@ -1283,6 +1465,11 @@ class RegistryClient:
                 f"{target.label}: token server {realm_host}: {description}",
                 status=resp.status,
                 code=code,
+            )
+        if resp.oversize:
+            raise RegistryError(
+                f"{target.label}: token server {realm_host} sent more than "
+                f"{_MAX_TOKEN_BODY} bytes"
             )
         try:
             reply = json.loads(resp.data)
@@ -1301,6 +1488,18 @@ class RegistryClient:
 
 class _NoReferrersApi(Exception):
     """Internal signal: the registry answered the referrers API as one without it."""
+
+
+def _may_carry_credentials(from_url: str, to_url: str) -> bool:
+    """Whether an ``Authorization`` meant for ``from_url`` may go to ``to_url``.
+
+    Only to the same host and port (compared case-insensitively), and never from HTTPS
+    down to plain HTTP, where anyone on the path could read it. HTTP to HTTPS is fine.
+    """
+    old, new = urllib.parse.urlsplit(from_url), urllib.parse.urlsplit(to_url)
+    if old.netloc.lower() != new.netloc.lower():
+        return False
+    return not (old.scheme.lower() == "https" and new.scheme.lower() != "https")
 
 
 def _reason(error: BaseException) -> str:

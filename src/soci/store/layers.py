@@ -81,7 +81,7 @@ class Layer:
             if not store.content.has_blob(self.digest):
                 log.info("layer %s: blob requested, downloading it whole to verify it",
                          self.digest)
-                with client.open_blob(self.ref, self.digest) as stream:
+                with client.open_blob(self.ref, self.digest, size=self.size) as stream:
                     store.content.ingest(stream, self.digest, self.size)
         with open(store.content.blob_path(self.digest), "rb") as f:
             f.seek(offset)
