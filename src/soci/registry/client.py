@@ -11,6 +11,13 @@ Behaviour worth knowing:
   A mismatch raises :class:`~soci.errors.DigestMismatchError` and is never retried: a
   registry serving wrong bytes is not a transient fault. Ranged reads cannot be checked
   against the blob digest (callers check span digests).
+* **Bounded reads.** No body is read further than the caller honestly expects: a blob's
+  descriptor size (``get_blob`` requires it, ``open_blob`` and ``get_manifest`` take it),
+  4 MiB for manifests and referrers pages, 1 MiB for tokens, 64 KiB for error messages,
+  the range itself for a ranged read (also when the registry ignores Range and answers
+  ``200``: the bytes before it are skipped, those after it never read). A body found
+  too large (or declaring so in Content-Length) is refused in one line, its connection
+  closed.
 * **Authentication.** On a 401 the ``WWW-Authenticate`` challenge is parsed and
   remembered per host, so later requests authenticate up front. Bearer tokens are fetched
   from the realm with ``repository:<name>:pull`` (reads) or ``pull,push`` (writes) scopes,
@@ -23,7 +30,9 @@ Behaviour worth knowing:
 * **Scheme.** HTTPS with certificate verification, unless ``plain_http=True`` (always
   plain HTTP) or the host's registries.conf entry says ``insecure = true``: then, as
   containers/image does, HTTPS without verification is tried once and the client falls
-  back to plain HTTP if that fails; the choice is remembered per host.
+  back to plain HTTP if that fails; the choice is remembered per host. ``Authorization``
+  never follows a redirect (or an upload Location) to another host, nor from HTTPS down
+  to plain HTTP.
 * **Errors.** Everything a user can cause ends in a one-line :class:`~soci.errors.SociError`
   subclass naming the reference, the HTTP status and the registry's error code, never a
   credential.
