@@ -184,9 +184,9 @@ def test_status_says_what_the_disk_cache_holds(env: dict, tmp_path: Path) -> Non
         layer_dir = daemon.layer_dir(env["a"], digest)
         os.listdir(layer_dir / "diff")
         after = status(daemon)[0]
-        assert after["spans_held"] == first["spans_held"]
         assert after["fetched_fraction"] == first["fetched_fraction"]
         assert after["fetched_bytes"] == 0
+        assert after["spans_held"] == first["spans_held"]
         blob = (layer_dir / "blob").read_bytes()
         assert "sha256:" + hashlib.sha256(blob).hexdigest() == digest
         assert status(daemon)[0]["fetched_bytes"] == size
