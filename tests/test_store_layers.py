@@ -95,6 +95,9 @@ def test_a_released_layer_leaves_no_bytes_for_another_ztoc(env: dict, tmp_path: 
             os.rmdir(a_dir)
         wait_for(daemon, "released after")
         assert status(daemon) == []
+        with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as resp:
+            text = resp.read().decode()
+        assert 'soci_span_cache_bytes{cache="memory"} 0\n' in text  # a's spans left memory
         b_diff = daemon.layer_dir(env["b"], digest) / "diff"
         wrong = [name for name, data in FILES.items() if (b_diff / name).read_bytes() != data]
         assert wrong == []
