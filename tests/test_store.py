@@ -281,7 +281,7 @@ def test_metrics_and_status(env: dict, store: StoreDaemon) -> None:
     text = urllib.request.urlopen(f"http://{store.metrics_address}/metrics").read().decode()
     digest = env["layer"]["digest"]
     fetched = [line for line in text.splitlines()
-               if line.startswith(f'soci_layer_fetched_bytes_total{{layer="{digest}"}}')]
+               if line.startswith(f'soci_layer_fetched_bytes_total{{layer="{digest}",')]
     assert fetched and float(fetched[0].split()[-1]) > 0
     assert 'soci_fuse_operations_total{op="read"}' in text
     assert 'soci_fuse_operation_seconds_bucket{op="read",le="+Inf"}' in text

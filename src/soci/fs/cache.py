@@ -3,7 +3,11 @@
 The disk cache is content-addressed by span digest (``<dir>/<hex>``), so it
 is shared by every layer and survives restarts; every file is verified against
 its name when read, so a torn or corrupted write is a miss, never a served
-byte. Both caches are bounded and evict the least recently used spans.
+byte. A span digest names the compressed bytes completely (where a zTOC says they sit
+in the layer does not change them), but what they inflate to also depends on the
+checkpoint they start from, which is the zTOC's: so the memory cache of inflated bytes is
+keyed by zTOC digest (with the layer's), never by layer digest alone. Both caches are
+bounded and evict the least recently used spans.
 """
 
 from __future__ import annotations
@@ -21,17 +25,24 @@ from soci.fsutil import atomic_writer
 log = logging.getLogger("soci.cache")
 
 
+#: A memory cache key: (owner, span, start). The owner must name everything the inflated
+#: bytes depend on: the zTOC digest does (its checkpoints say how a span inflates, its span
+#: digests which compressed bytes go in), the layer digest alone does not (two zTOCs of one
+#: layer may cut it into different spans). ``start`` is where in the span the bytes begin.
+MemoryKey = tuple[str, int, int]
+
+
 class MemoryCache:
-    """Uncompressed spans keyed by (layer key, span id), bounded in bytes, shared by layers."""
+    """Uncompressed span bytes by (layer and zTOC, span, start), bounded in bytes, shared."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._items: OrderedDict[MemoryKey, bytes] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, key: tuple[str, int]) -> bytes | None:
+    def get(self, key: MemoryKey) -> bytes | None:
         with self._lock:
             data = self._items.get(key)
             if data is None:
@@ -41,7 +52,7 @@ class MemoryCache:
             self.hits += 1
             return data
 
-    def put(self, key: tuple[str, int], data: bytes) -> None:
+    def put(self, key: MemoryKey, data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
         with self._lock:
@@ -53,6 +64,21 @@ class MemoryCache:
             while self._size > self.max_bytes:
                 _, evicted = self._items.popitem(last=False)
                 self._size -= len(evicted)
+
+    def __contains__(self, key: MemoryKey) -> bool:
+        """Whether ``key`` is held, without counting a hit or a miss."""
+        with self._lock:
+            return key in self._items
+
+    def drop(self, owner: str) -> int:
+        """Forget every entry of ``owner`` (a released layer); returns the bytes freed."""
+        with self._lock:
+            keys = [k for k in self._items if k[0] == owner]
+            freed = 0
+            for k in keys:
+                freed += len(self._items.pop(k))
+            self._size -= freed
+            return freed
 
     @property
     def size(self) -> int:
@@ -110,19 +136,20 @@ class DiskCache:
         self.hits += 1
         return data
 
-    def put(self, digest: str, data: bytes) -> None:
+    def put(self, digest: str, data: bytes) -> bool:
+        """Keep a verified span; False when it cannot be kept (too big, or a write error)."""
         name = digest.removeprefix("sha256:")
         if len(data) > self.max_bytes:
-            return
+            return False
         with self._lock:
             if name in self._index:
-                return
+                return True
         try:
             with atomic_writer(self.directory / name, durable=False) as f:
                 f.write(data)
         except OSError as e:
             log.warning("disk cache: cannot store span %s: %s", digest, e)
-            return
+            return False
         victims = []
         with self._lock:
             self._index[name] = len(data)
@@ -134,6 +161,7 @@ class DiskCache:
         for victim in victims:
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / victim).unlink()
+        return True
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -82,7 +82,7 @@ class StoreFS(pyfuse3.Operations):
         self._children: dict[int, dict[bytes, int]] = {pyfuse3.ROOT_INODE: {}}
         self._tree_bases: list[int] = []       # sorted first inode of each mounted tree
         self._tree_layers: list[Layer | None] = []  # None: released, its inodes are stale
-        self._diff_inode: dict[str, int] = {}  # layer digest -> inode of its diff root
+        self._diff_inode: dict[tuple, int] = {}  # Layer.key -> inode of its diff root
         self._started = time.time_ns()
         self.ops = 0
         self.reads = 0
@@ -114,19 +114,19 @@ class StoreFS(pyfuse3.Operations):
             return None
 
     def _mount_tree(self, layer: Layer) -> int:
-        ino = self._diff_inode.get(layer.digest)
+        ino = self._diff_inode.get(layer.key)
         if ino is None:
             ino = self._next
             self._next += len(layer.tree.nodes)
             self._tree_bases.append(ino)
             self._tree_layers.append(layer)
-            self._diff_inode[layer.digest] = ino
+            self._diff_inode[layer.key] = ino
         return ino
 
     def release_idle(self, grace: float) -> None:
         """Unmount layers podman no longer uses; their inode numbers are never reused."""
         for layer in self.manager.evict_idle(grace):
-            ino = self._diff_inode.pop(layer.digest, None)
+            ino = self._diff_inode.pop(layer.key, None)
             if ino is not None:
                 self._tree_layers[self._tree_bases.index(ino)] = None
             for children in self._children.values():
@@ -213,7 +213,7 @@ class StoreFS(pyfuse3.Operations):
         child = layer.tree.lookup(local, name)
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        ino = self._diff_inode[layer.digest] + child - TREE_ROOT
+        ino = self._diff_inode[layer.key] + child - TREE_ROOT
         return self._node_attr(ino, layer.tree.node(child))
 
     def _lookup_root(self, name: bytes) -> pyfuse3.EntryAttributes:
@@ -305,7 +305,7 @@ class StoreFS(pyfuse3.Operations):
         if found is None:
             return
         layer, node, _ = found
-        base = self._diff_inode[layer.digest] - TREE_ROOT
+        base = self._diff_inode[layer.key] - TREE_ROOT
         assert node.children is not None
         items = list(node.children.items())
         for i in range(start_id, len(items)):

@@ -2,8 +2,13 @@
 
 A layer is served only if the image's SOCI index (found in the fork's order,
 see ``soci.index.discover``) holds a zTOC for it; otherwise the answer is
-"not here" and containers/storage pulls the layer itself. Layers are shared by
-digest across image refs, so two images with a common layer fetch it once.
+"not here" and containers/storage pulls the layer itself.
+
+What a mounted layer serves is decided by its zTOC (the tree, the spans) and by the
+image's manifest and config (size, compression, diff ID). Two images share one mounted
+layer only when all of these are the same (``Layer.key``): one image's index must never
+decide what another image's containers see. Images whose zTOCs differ still share the
+fetched spans wherever the span digests agree (the disk cache is by span digest).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO, cast
 
 from soci.artifacts import LocalStore
 from soci.errors import RegistryError, SociError
@@ -40,6 +47,22 @@ RECHECK_SEC = 60.0
 _GZIP = 2
 _UNCOMPRESSED = 0
 
+#: What a mounted layer serves: (layer digest, zTOC digest, diff ID, compression, size).
+LayerKey = tuple[str, str, str, int, int]
+
+
+class _Counted:
+    """A stream that adds the length of everything read from it to a callback."""
+
+    def __init__(self, stream: BinaryIO, add: Callable[[int], None]) -> None:
+        self._stream = stream
+        self._add = add
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        self._add(len(data))
+        return data
+
 
 @dataclass(slots=True)
 class Layer:
@@ -56,6 +79,17 @@ class Layer:
     users: int = 0
     idle_since: float | None = None  # when the last user let go (None: in use, or never used)
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
+    blob_bytes_fetched: int = 0  # the whole-blob download behind ``blob`` (podman push)
+
+    @property
+    def key(self) -> LayerKey:
+        """Everything that decides what this layer serves; layers are shared only by it."""
+        return (self.digest, self.ztoc_digest, self.diff_id, self.compression, self.size)
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Compressed bytes fetched from the registry for this layer: spans and blob."""
+        return self.spans.bytes_fetched + self.blob_bytes_fetched
 
     def info(self, key: str) -> bytes:
         """containers/storage's Layer JSON, for a lookup by blob digest or by TOC digest.
@@ -82,10 +116,14 @@ class Layer:
                 log.info("layer %s: blob requested, downloading it whole to verify it",
                          self.digest)
                 with client.open_blob(self.ref, self.digest, size=self.size) as stream:
-                    store.content.ingest(stream, self.digest, self.size)
+                    counted = cast(BinaryIO, _Counted(stream, self._count_blob))
+                    store.content.ingest(counted, self.digest, self.size)
         with open(store.content.blob_path(self.digest), "rb") as f:
             f.seek(offset)
             return f.read(size)
+
+    def _count_blob(self, n: int) -> None:
+        self.blob_bytes_fetched += n
 
 
 class LayerManager:
@@ -99,12 +137,14 @@ class LayerManager:
         self.disk = disk
         self.platform = platform or Platform.host()
         self._lock = threading.Lock()
-        self._layers: dict[str, Layer] = {}
+        self._layers: dict[LayerKey, Layer] = {}
         self._resolving: dict[tuple[str, str], threading.Event] = {}
         # Negative answers and resolved manifests are remembered for RECHECK_SEC only, so an
         # index published (or a tag moved) later is noticed without a restart.
         self._absent: dict[tuple[str, str], float] = {}
-        self._aliases: dict[tuple[str, str], str] = {}  # (ref, TOC digest) -> blob digest
+        # (ref, blob or TOC digest) -> the layer that image was resolved to. Only this: a
+        # layer mounted for one image is never found by digest for another image.
+        self._aliases: dict[tuple[str, str], LayerKey] = {}
         self._images: dict[str, tuple[float, Descriptor, Manifest, list[str]]] = {}
 
     def layers(self) -> list[Layer]:
@@ -116,13 +156,21 @@ class LayerManager:
     def _image(self, ref: Reference) -> tuple[Descriptor, Manifest, list[str]]:
         """The platform manifest of ``ref`` and its diff IDs (cached for RECHECK_SEC)."""
         key = str(ref)
-        cached = self._images.get(key)
+        with self._lock:
+            cached = self._images.get(key)
         if cached is not None and time.monotonic() - cached[0] < RECHECK_SEC:
             return cached[1:]
         source = RegistrySource(ImageName("registry", ref=ref), self.client)
         image = resolve_image(source, [self.platform]).images[0]
         ids = diff_ids(source, image)
-        self._images[key] = (time.monotonic(), image.desc, image.manifest, ids)
+        now = time.monotonic()
+        with self._lock:
+            # Expired answers are dropped here, so neither table grows with every ref seen.
+            for old in [k for k, v in self._images.items() if now - v[0] >= RECHECK_SEC]:
+                del self._images[old]
+            for old in [k for k, t in self._absent.items() if now - t >= RECHECK_SEC]:
+                del self._absent[old]
+            self._images[key] = (now, image.desc, image.manifest, ids)
         return image.desc, image.manifest, ids
 
     def get(self, ref_text: str, key: str) -> Layer | None:
@@ -130,7 +178,7 @@ class LayerManager:
         lookup = (ref_text, key)
         while True:
             with self._lock:
-                layer = self._layers.get(self._aliases.get(lookup, key))
+                layer = self._aliased(lookup)
                 if layer is not None:
                     return layer
                 if time.monotonic() - self._absent.get(lookup, -RECHECK_SEC) < RECHECK_SEC:
@@ -146,12 +194,17 @@ class LayerManager:
                 if layer is None:
                     self._absent[lookup] = time.monotonic()
                 else:
-                    layer = self._layers.setdefault(layer.digest, layer)
-                    self._aliases[lookup] = layer.digest
+                    layer = self._layers.setdefault(layer.key, layer)
+                    self._aliases[lookup] = layer.key
             return layer
         finally:
             with self._lock:
                 self._resolving.pop(lookup).set()
+
+    def _aliased(self, lookup: tuple[str, str]) -> Layer | None:
+        """The layer ``(ref, digest)`` was resolved to, if still mounted (caller locks)."""
+        key = self._aliases.get(lookup)
+        return None if key is None else self._layers.get(key)
 
     def _resolve(self, ref_text: str, key: str) -> Layer | None:
         """The layer for a compressed-blob digest or a TOC digest (see ANN_TOC_DIGEST)."""
@@ -179,24 +232,38 @@ class LayerManager:
             log.info("image %s: %s is not a layer of its %s manifest", ref, key, self.platform)
             return None
         digest = manifest.layers[position].digest
-        with self._lock:
-            shared = self._layers.get(digest)
-        if shared is not None:
-            return shared
         if position >= len(diff_ids):
             # containers/storage needs the layer's DiffID (it crashes without one).
             log.warning("image %s: its config has no diff ID for layer %s; pulled normally",
                         ref, digest)
             return None
-        ztoc_desc = next((z for z in found.index.ztocs() if ztoc_layer(z)[0] == digest), None)
+        # Asked by a zTOC's digest: serve that zTOC (info() names it), not another one the
+        # index may also hold for the layer.
+        candidates = [z for z in found.index.ztocs() if ztoc_layer(z)[0] == digest]
+        ztoc_desc = next((z for z in candidates if z.digest == key),
+                         candidates[0] if candidates else None)
         if ztoc_desc is None:
             log.info("image %s: layer %s has no zTOC in index %s (pulled normally)", ref, digest,
                      found.digest)
             return None
+        size = manifest.layers[position].size
+        compression = (_UNCOMPRESSED if manifest.layers[position].media_type in mt.TAR_LAYERS
+                       else _GZIP)
+        wanted: LayerKey = (digest, ztoc_desc.digest, diff_ids[position], compression, size)
+        with self._lock:
+            shared = self._layers.get(wanted)
+        if shared is not None:  # another image mounted this very layer with this very zTOC
+            return shared
         try:
+            try:
+                stored = self.store.content.blob_path(ztoc_desc.digest).stat().st_size
+            except FileNotFoundError:
+                raise SociError("it is not in the local store") from None
+            if stored != ztoc_desc.size:  # before reading, let alone decoding, any of it
+                raise SociError(f"it is {stored} bytes but its index says {ztoc_desc.size}")
             ztoc = decode(self.store.content.read_blob(ztoc_desc.digest))
             check_ztoc(ztoc)
-            if ztoc.compressed_size != manifest.layers[position].size:
+            if ztoc.compressed_size != size:
                 raise SociError("zTOC describes a layer of another size")
             tree = LayerTree(ztoc)
             ztoc.entries = []  # the tree holds what the entries said; spans need the rest
@@ -213,19 +280,18 @@ class LayerManager:
                     self.metrics.registry_error(e.status or "connection")
                 raise
 
-        spans = SpanManager(digest, ztoc, fetch, self.memory, self.disk)
-        layer_media_type = manifest.layers[position].media_type
-        log.info("image %s: layer %s mounted lazily (SOCI index %s found in %s, %d files, "
-                 "%d spans)", ref, digest, found.digest, found.where, len(tree), ztoc.span_count)
-        return Layer(digest, manifest.layers[position].size, ref, tree, spans, ztoc_desc.digest,
-                     diff_ids[position],
-                     _UNCOMPRESSED if layer_media_type in mt.TAR_LAYERS else _GZIP)
+        spans = SpanManager(digest, ztoc, fetch, self.memory, self.disk, ztoc_desc.digest)
+        log.info("image %s: layer %s mounted lazily (SOCI index %s found in %s, zTOC %s, "
+                 "%d files, %d spans)", ref, digest, found.digest, found.where, ztoc_desc.digest,
+                 len(tree), ztoc.span_count)
+        return Layer(digest, size, ref, tree, spans, ztoc_desc.digest, diff_ids[position],
+                     compression)
 
     # -- reference counting (containers/storage's "use" and rmdir) ----------------------
 
     def use(self, ref_text: str, key: str) -> int:
         with self._lock:
-            layer = self._layers.get(self._aliases.get((ref_text, key), key))
+            layer = self._aliased((ref_text, key))
             if layer is None:
                 return 0
             layer.users += 1
@@ -234,7 +300,7 @@ class LayerManager:
 
     def release(self, ref_text: str, key: str) -> int:
         with self._lock:
-            layer = self._layers.get(self._aliases.get((ref_text, key), key))
+            layer = self._aliased((ref_text, key))
             if layer is None:
                 return 0
             layer.users = max(layer.users - 1, 0)
@@ -245,14 +311,18 @@ class LayerManager:
     def evict_idle(self, grace: float) -> list[Layer]:
         """Forget layers nobody has used for ``grace`` seconds (podman removed their images).
 
-        Their spans stay in the disk cache, so a later pull mounts them again cheaply.
+        Their spans stay in the disk cache, so a later pull mounts them again cheaply; their
+        inflated spans leave the memory cache unless a layer still mounted has the same zTOC.
         """
         now = time.monotonic()
         with self._lock:
             idle = [la for la in self._layers.values() if la.users == 0
                     and la.idle_since is not None and now - la.idle_since >= grace]
             for layer in idle:
-                del self._layers[layer.digest]
-                for key in [k for k, v in self._aliases.items() if v == layer.digest]:
+                del self._layers[layer.key]
+                for key in [k for k, v in self._aliases.items() if v == layer.key]:
                     del self._aliases[key]
+            kept = {la.spans.owner for la in self._layers.values()}
+        for owner in {la.spans.owner for la in idle} - kept:
+            self.memory.drop(owner)
         return idle

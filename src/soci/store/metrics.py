@@ -80,17 +80,20 @@ class Metrics:
         def lab(**kv: str) -> str:
             return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items()) + "}"
 
+        # One layer may be mounted once per zTOC (images indexed differently): label both.
         metric("soci_layer_fetched_bytes_total", "counter",
-               "Compressed bytes fetched from registries, per layer.",
-               [(lab(layer=la.digest), la.spans.bytes_fetched) for la in layers])
+               "Compressed bytes fetched from registries, per layer (spans and whole blob).",
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.fetched_bytes) for la in layers])
         metric("soci_layer_fetched_ratio", "gauge",
-               "Fraction of a layer's spans held locally (background fetch progress).",
-               [(lab(layer=la.digest), round(la.spans.fetched_fraction, 6)) for la in layers])
+               "Fraction of a layer's spans held in the disk cache now.",
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), round(la.spans.fetched_fraction, 6))
+                for la in layers])
         metric("soci_layer_spans", "gauge", "Spans per layer.",
-               [(lab(layer=la.digest), la.spans.spans) for la in layers])
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.spans) for la in layers])
         metric("soci_span_verification_failures_total", "counter",
                "Fetched spans that did not match their digest (refetched, then EIO).",
-               [(lab(layer=la.digest), la.spans.verify_failures) for la in layers])
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.verify_failures)
+                for la in layers])
         metric("soci_span_cache_hits_total", "counter", "Span cache hits.",
                [(lab(cache="memory"), manager.memory.hits),
                 (lab(cache="disk"), manager.disk.hits if manager.disk else 0)])
@@ -135,8 +138,9 @@ def status(manager: LayerManager, mountpoint: str) -> dict[str, Any]:
             "ztoc": la.ztoc_digest,
             "files": len(la.tree),
             "spans": la.spans.spans,
+            "spans_held": la.spans.held_spans,
             "fetched_fraction": round(la.spans.fetched_fraction, 4),
-            "fetched_bytes": la.spans.bytes_fetched,
+            "fetched_bytes": la.fetched_bytes,
             "size": la.size,
             "users": la.users,
         } for la in manager.layers()],
