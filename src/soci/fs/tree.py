@@ -7,6 +7,12 @@ appear as path prefixes are created (0755, root). Hard links share their
 target's inode. OCI whiteouts become overlayfs whiteouts: ``.wh.NAME`` is a
 0/0 character device called NAME and ``.wh..wh..opq`` marks its directory
 opaque with the ``trusted.overlay.opaque`` xattr.
+
+What the kernel could not be shown faithfully refuses the whole zTOC
+(``ZtocFormatError``), so the store answers "not here" and podman extracts the
+layer itself: a whiteout of '', '.' or '..', a name over NAME_MAX or a path over
+PATH_MAX, a symlink target no symlink can hold, a uid/gid beyond 32 bits, a
+device number beyond FUSE's 12-bit major and 20-bit minor.
 """
 
 from __future__ import annotations
