@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -85,33 +87,124 @@ class ZtocRecord:
 
 
 class ArtifactsDb:
+    """The database of one root, safe to share between threads and between processes.
+
+    Each operation borrows a connection of its own from a small pool (one sqlite3
+    connection must never carry two threads' statements: their transactions would
+    interleave). Writers in this process take turns on a lock, so they queue instead of
+    polling SQLite's busy handler; writers in other processes (the CLI next to the daemon)
+    are waited for by SQLite's busy timeout. WAL lets readers run beside the writer.
+    """
+
+    #: Idle connections kept for reuse; more are opened under load and closed after.
+    POOL_SIZE = 8
+    #: Seconds to wait for another process's write transaction before giving up.
+    BUSY_TIMEOUT = 60.0
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        self._write_lock = threading.Lock()
+        self._local = threading.local()  # .conn: the connection this thread holds, if any
+        conn = self._open()
+        try:
+            # WAL persists in the file; the schema is created once, by whoever comes first.
+            self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+            self._retry_locked(lambda: conn.executescript(_SCHEMA))
+        except BaseException:
+            conn.close()
+            raise
+        self._idle.append(conn)
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued below.
+        conn = sqlite3.connect(self.path, timeout=self.BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
+        # WAL needs no fsync per commit to stay consistent; the db is rebuildable anyway.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _retry_locked(self, step: Callable[[], object]) -> None:
+        """Run ``step``, waiting out "database is locked" answers SQLite gives without
+        calling its busy handler (switching to WAL while another process opens the file)."""
+        deadline = time.monotonic() + self.BUSY_TIMEOUT
+        while True:
+            try:
+                step()
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
-        self._conn.close()
+        """Close the pooled connections; one still borrowed is closed when given back."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection for this thread alone (the one it already holds, when nested)."""
+        held: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        with self._pool_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._open()
+        self._local.conn = conn
+        try:
+            yield conn
+        finally:
+            self._local.conn = None
+            with self._pool_lock:
+                keep = (not conn.in_transaction and not self._closed
+                        and len(self._idle) < self.POOL_SIZE)
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        """One write transaction: all of it or nothing, never mixed with another's.
+
+        A transaction opened inside another on the same thread joins it.
+        """
+        with self._connection() as conn:
+            if conn.in_transaction:
+                yield conn
+                return
+            with self._write_lock:
+                conn.execute("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
 
     # -- writing -----------------------------------------------------------------
 
     def put_ztoc(self, rec: ZtocRecord) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO ztocs VALUES (?,?,?,?,?,?)",
-                           (rec.digest, rec.size, rec.layer_digest, rec.layer_media_type,
-                            rec.span_size, rec.created_at))
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO ztocs VALUES (?,?,?,?,?,?)",
+                      (rec.digest, rec.size, rec.layer_digest, rec.layer_media_type,
+                       rec.span_size, rec.created_at))
 
     def put_index(self, rec: IndexRecord, ztoc_digests: Sequence[str],
                   refs: Sequence[str] = ()) -> None:
@@ -144,40 +237,53 @@ class ArtifactsDb:
 
     # -- reading -----------------------------------------------------------------
 
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple]:
+        """All rows of one query (read whole, so the connection goes back to the pool)."""
+        with self._connection() as conn:
+            return conn.execute(sql, params).fetchall()
+
     def index(self, digest: str) -> IndexRecord | None:
-        row = self._conn.execute("SELECT * FROM indexes WHERE digest = ?", (digest,)).fetchone()
-        return IndexRecord(*row) if row else None
+        rows = self._read("SELECT * FROM indexes WHERE digest = ?", (digest,))
+        return IndexRecord(*rows[0]) if rows else None
 
     def indexes(self, *, manifest_digests: list[str] | None = None,
                 platform: str | None = None) -> list[IndexRecord]:
-        rows = self._conn.execute("SELECT * FROM indexes ORDER BY created_at, digest").fetchall()
-        out = [IndexRecord(*r) for r in rows]
-        if manifest_digests is not None:
-            wanted = set(manifest_digests)
-            out = [r for r in out if r.manifest_digest in wanted or r.image_digest in wanted]
+        if manifest_digests is None:
+            rows = self._read("SELECT * FROM indexes")
+        else:  # by the manifest index (the store asks this on every lookup)
+            wanted = list(dict.fromkeys(manifest_digests))
+            found: dict[str, tuple] = {}
+            for i in range(0, len(wanted), 400):  # well below SQLite's variable limit
+                chunk = wanted[i : i + 400]
+                marks = ",".join("?" * len(chunk))
+                for row in self._read(f"SELECT * FROM indexes WHERE manifest_digest IN ({marks})"
+                                      f" OR image_digest IN ({marks})", chunk * 2):
+                    found[row[0]] = row
+            rows = list(found.values())
+        out = sorted((IndexRecord(*r) for r in rows), key=lambda r: (r.created_at, r.digest))
         if platform is not None:
             out = [r for r in out if r.platform == platform]
         return out
 
     def ztoc(self, digest: str) -> ZtocRecord | None:
-        row = self._conn.execute("SELECT * FROM ztocs WHERE digest = ?", (digest,)).fetchone()
-        return ZtocRecord(*row) if row else None
+        rows = self._read("SELECT * FROM ztocs WHERE digest = ?", (digest,))
+        return ZtocRecord(*rows[0]) if rows else None
 
     def ztocs(self) -> list[ZtocRecord]:
-        rows = self._conn.execute("SELECT * FROM ztocs ORDER BY created_at, digest").fetchall()
+        rows = self._read("SELECT * FROM ztocs ORDER BY created_at, digest")
         return [ZtocRecord(*r) for r in rows]
 
     def ztoc_for_layer(self, layer_digest: str, span_size: int) -> ZtocRecord | None:
-        row = self._conn.execute(
+        rows = self._read(
             "SELECT * FROM ztocs WHERE layer_digest = ? AND span_size = ? "
-            "ORDER BY created_at DESC LIMIT 1", (layer_digest, span_size)).fetchone()
-        return ZtocRecord(*row) if row else None
+            "ORDER BY created_at DESC LIMIT 1", (layer_digest, span_size))
+        return ZtocRecord(*rows[0]) if rows else None
 
     def ztocs_of_index(self, digest: str) -> list[str]:
-        return [r[0] for r in self._conn.execute(
+        return [r[0] for r in self._read(
             "SELECT ztoc_digest FROM index_ztocs WHERE index_digest = ? ORDER BY position",
             (digest,))]
 
     def manifests_for_ref(self, ref: str) -> list[str]:
-        return [r[0] for r in self._conn.execute(
+        return [r[0] for r in self._read(
             "SELECT manifest_digest FROM image_refs WHERE ref = ?", (ref,))]

@@ -7,6 +7,12 @@ appear as path prefixes are created (0755, root). Hard links share their
 target's inode. OCI whiteouts become overlayfs whiteouts: ``.wh.NAME`` is a
 0/0 character device called NAME and ``.wh..wh..opq`` marks its directory
 opaque with the ``trusted.overlay.opaque`` xattr.
+
+What the kernel could not be shown faithfully refuses the whole zTOC
+(``ZtocFormatError``), so the store answers "not here" and podman extracts the
+layer itself: a whiteout of '', '.' or '..', a name over NAME_MAX or a path over
+PATH_MAX, a symlink target no symlink can hold, a uid/gid beyond 32 bits, a
+device number beyond FUSE's 12-bit major and 20-bit minor.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from soci.errors import ZtocFormatError
 from soci.ztoc.model import FileMetadata, Ztoc
 
 log = logging.getLogger("soci.fs")
@@ -25,6 +32,13 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ROOT = 1
+
+#: Linux's longest file name, and longest path (with its NUL) a system call takes.
+NAME_MAX = 255
+PATH_MAX = 4096
+_ID_MAX = (1 << 32) - 1
+_MAJOR_MAX = (1 << 12) - 1
+_MINOR_MAX = (1 << 20) - 1
 
 _TYPE_BITS = {
     "reg": stat.S_IFREG,
@@ -87,16 +101,25 @@ def _clean(name: str) -> list[bytes] | None:
     return parts
 
 
+def _refuse(e: FileMetadata, why: str) -> ZtocFormatError:
+    return ZtocFormatError(f"zTOC entry {e.name[:100]!r} {why}")
+
+
 class LayerTree:
-    """Inodes numbered from 1 (the root); ``nodes[ino]``."""
+    """Inodes numbered from 1 (the root); ``nodes[ino]``.
+
+    Raises ``ZtocFormatError`` for a zTOC that no Linux filesystem could hold (a name
+    that is no directory entry, a name or symlink longer than the kernel allows, a
+    device number or owner that does not fit): served, it would answer EIO where
+    podman, told the layer is not here, pulls it and extracts it itself.
+    Paths are walked, never recursed, so any depth a zTOC may hold is built.
+    """
 
     def __init__(self, ztoc: Ztoc) -> None:
         self.nodes: list[Node | None] = [None, Node(stat.S_IFDIR | 0o755, nlink=2, children={})]
-        self._paths: dict[tuple[bytes, ...], int] = {(): ROOT}
         for entry in ztoc.entries:
             self._add(entry)
         self._count_links()
-        del self._paths  # only needed while building; the tree lives as long as the layer
 
     def __len__(self) -> int:
         return len(self.nodes) - 1
@@ -111,75 +134,101 @@ class LayerTree:
         children = self.node(parent).children
         return None if children is None else children.get(name)
 
-    def _dir(self, parts: tuple[bytes, ...]) -> int:
-        ino = self._paths.get(parts)
-        if ino is not None and self.nodes[ino] is not None and self.nodes[ino].is_dir:  # type: ignore[union-attr]
-            return ino
-        parent = self._dir(parts[:-1])
-        node = Node(stat.S_IFDIR | 0o755, nlink=2, children={})
-        return self._attach(parent, parts, node)
+    def _walk(self, parts: list[bytes]) -> int | None:
+        """The inode at ``parts`` below the root, or None."""
+        ino = ROOT
+        for name in parts:
+            children = self.node(ino).children
+            found = None if children is None else children.get(name)
+            if found is None:
+                return None
+            ino = found
+        return ino
 
-    def _attach(self, parent: int, parts: tuple[bytes, ...], node: Node, ino: int = 0) -> int:
+    def _dir(self, parts: list[bytes]) -> int:
+        """The directory at ``parts``; missing ones (or non-directories in the way, as tar
+        extraction replaces them) become new 0755 root-owned directories."""
+        ino = ROOT
+        for name in parts:
+            children = self.node(ino).children
+            assert children is not None
+            child = children.get(name)
+            if child is None or not self.node(child).is_dir:
+                child = self._attach(ino, name, Node(stat.S_IFDIR | 0o755, nlink=2, children={}))
+            ino = child
+        return ino
+
+    def _attach(self, parent: int, name: bytes, node: Node, ino: int = 0) -> int:
         if not ino:
             self.nodes.append(node)
             ino = len(self.nodes) - 1
-        self._paths[parts] = ino
-        children = self.nodes[parent].children  # type: ignore[union-attr]
+        children = self.node(parent).children
         assert children is not None
-        children[parts[-1]] = ino
+        children[name] = ino
         return ino
 
     def _add(self, e: FileMetadata) -> None:
         parts = _clean(e.name)
         if parts is None:
-            log.warning("layer entry %r skipped: its path escapes the layer", e.name)
+            log.warning("layer entry %r skipped: its path escapes the layer or holds NUL",
+                        e.name)
             return
         if not parts:
             root = self.nodes[ROOT]
             assert root is not None
             if e.type == "dir":
                 root.mode = stat.S_IFDIR | (e.mode & 0o7777)
-                root.uid, root.gid, root.mtime_ns = e.uid, e.gid, parse_mod_time(e.mod_time)
+                root.uid, root.gid = _owner(e)
+                root.mtime_ns = parse_mod_time(e.mod_time)
                 root.xattrs = _xattrs(e)
             return
-        key = tuple(parts)
-        parent = self._dir(key[:-1])
-        base = key[-1]
+        if any(len(p) > NAME_MAX for p in parts):
+            raise _refuse(e, f"has a name longer than {NAME_MAX} bytes")
+        if sum(map(len, parts)) + len(parts) > PATH_MAX:
+            raise _refuse(e, f"has a path longer than {PATH_MAX - 1} bytes")
+        parent = self._dir(parts[:-1])
+        base = parts[-1]
         if base == OPAQUE_MARKER:
-            node = self.nodes[parent]
-            assert node is not None
+            node = self.node(parent)
             node.xattrs = {**(node.xattrs or {}), OPAQUE_XATTR: b"y"}
             return
         if base.startswith(WHITEOUT_PREFIX):
-            key = (*key[:-1], base[len(WHITEOUT_PREFIX):])
-            self._attach(parent, key, Node(stat.S_IFCHR, mtime_ns=parse_mod_time(e.mod_time)))
+            hidden = base[len(WHITEOUT_PREFIX):]
+            if hidden in (b"", b".", b".."):
+                raise _refuse(e, f"whites out {hidden.decode()!r}, which is no file name")
+            self._attach(parent, hidden, Node(stat.S_IFCHR, mtime_ns=parse_mod_time(e.mod_time)))
             return
         if e.type == "hardlink":
             target_parts = _clean(e.linkname)
-            target = self._paths.get(tuple(target_parts)) if target_parts is not None else None
+            target = self._walk(target_parts) if target_parts else None
             target_node = self.nodes[target] if target else None
             if target_node is None or target_node.is_dir:
                 log.warning("hard link %r skipped: target %r is not in the layer", e.name,
                             e.linkname)
                 return
-            self._attach(parent, key, target_node, target)
+            self._attach(parent, base, target_node, target)
             return
         bits = _TYPE_BITS.get(e.type)
         if bits is None:
             log.warning("layer entry %r skipped: unknown type %s", e.name, e.type)
             return
+        uid, gid = _owner(e)
         node = Node(
-            bits | (e.mode & 0o7777), e.uid, e.gid,
+            bits | (e.mode & 0o7777), uid, gid,
             e.size if e.type == "reg" else 0,
             parse_mod_time(e.mod_time),
-            os.makedev(e.devmajor, e.devminor) if e.type in ("char", "block") else 0,
+            _rdev(e) if e.type in ("char", "block") else 0,
             offset=e.offset,
             xattrs=_xattrs(e),
         )
         if e.type == "symlink":
             node.target = e.linkname.encode("utf-8", "surrogateescape")
+            if len(node.target) >= PATH_MAX or b"\0" in node.target:
+                raise _refuse(e, "is a symlink to no possible path")
             node.size = len(node.target)
-        existing = self._paths.get(key)
+        children = self.node(parent).children
+        assert children is not None
+        existing = children.get(base)
         if e.type == "dir":
             node.children = {}
             old = self.nodes[existing] if existing else None
@@ -187,7 +236,7 @@ class LayerTree:
                 node.children = old.children  # a directory entry repeated keeps its contents
                 self.nodes[existing] = node  # type: ignore[index]
                 return
-        self._attach(parent, key, node)
+        self._attach(parent, base, node)
 
     def _count_links(self) -> None:
         counts: dict[int, int] = {}
@@ -205,6 +254,22 @@ class LayerTree:
                 node.nlink = 2 + subdirs
             else:
                 node.nlink = max(counts.get(ino, 1), 1)
+
+
+def _owner(e: FileMetadata) -> tuple[int, int]:
+    """uid and gid, which the kernel (and FUSE) hold in 32 bits."""
+    if not (0 <= e.uid <= _ID_MAX and 0 <= e.gid <= _ID_MAX):
+        raise _refuse(e, f"has owner {e.uid}:{e.gid}, beyond 32 bits")
+    return e.uid, e.gid
+
+
+def _rdev(e: FileMetadata) -> int:
+    """The device number as the kernel encodes it: FUSE hands the kernel 32 bits, 12 for
+    the major and 20 for the minor (os.makedev's wider glibc encoding would be cut)."""
+    if not (0 <= e.devmajor <= _MAJOR_MAX and 0 <= e.devminor <= _MINOR_MAX):
+        raise _refuse(e, f"has device number {e.devmajor}:{e.devminor}, which Linux cannot "
+                         f"hold (major < {_MAJOR_MAX + 1}, minor < {_MINOR_MAX + 1})")
+    return os.makedev(e.devmajor, e.devminor)
 
 
 def _xattrs(e: FileMetadata) -> dict[bytes, bytes] | None:

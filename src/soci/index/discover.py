@@ -9,11 +9,18 @@
 Artifacts found locally are never fetched again; fetched ones are verified
 (index and every zTOC against their digests, a v1 index's subject against the
 manifest) and kept in the content store.
+
+Discoveries of one manifest run one at a time per local store: soci-store is asked
+for every layer of an image at once (podman looks them up in parallel), and all of
+those lookups need the same index; the first one discovers it, the others wait for
+its answer instead of fetching and storing the same artifacts again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from soci.artifacts import IndexRecord, LocalStore, ZtocRecord
 from soci.artifacts.db import now
@@ -62,10 +69,79 @@ def _fetch(client: RegistryClient, ref: Reference, store: LocalStore, digest: st
     return index
 
 
+@dataclass(slots=True)
+class _Flight:
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Discovered | None = None
+    error: Exception | None = None
+    finished: bool = False  # False once done: the leader was interrupted; try again
+
+
+class DiscoveryFlights:
+    """The discoveries running for one local store, at most one per (manifest, repository).
+
+    Keyed by the repository too: the same manifest pushed to two repositories may have
+    an index in one of them only.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], _Flight] = {}
+
+    def run(self, key: tuple[str, str],
+            discover: Callable[[], Discovered | None]) -> Discovered | None:
+        """``discover()``'s answer, computed once for all callers that overlap in time."""
+        while True:
+            with self._lock:
+                flight = self._running.get(key)
+                leading = flight is None
+                if flight is None:
+                    flight = self._running[key] = _Flight()
+            if leading:
+                break
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.finished:
+                return flight.result
+        try:
+            flight.result = discover()
+            flight.finished = True
+        except Exception as e:
+            flight.error = e  # the same failure for every waiter (one registry round)
+            raise
+        finally:
+            with self._lock:
+                del self._running[key]
+            flight.done.set()
+        return flight.result
+
+    @staticmethod
+    def of(store: LocalStore) -> DiscoveryFlights:
+        """The table owned by ``store`` (made on first use; lives and dies with it)."""
+        flights = getattr(store, "_discovery_flights", None)
+        if flights is None:
+            # dict.setdefault is atomic: two first callers still end up with one table.
+            flights = vars(store).setdefault("_discovery_flights", DiscoveryFlights())
+        return flights
+
+
 def discover_index(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
                    manifest_desc: Descriptor, manifest: Manifest,
                    platform: str = "") -> Discovered | None:
-    """The SOCI index for an image manifest, or None when there is none anywhere."""
+    """The SOCI index for an image manifest, or None when there is none anywhere.
+
+    Concurrent calls for the same manifest (and repository) on one store share one
+    discovery and its answer or error.
+    """
+    source = "" if client is None or ref is None else f"{ref.registry}/{ref.repository}"
+    return DiscoveryFlights.of(store).run(
+        (manifest_desc.digest, source),
+        lambda: _discover(store, client, ref, manifest_desc, manifest, platform))
+
+
+def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
+              manifest_desc: Descriptor, manifest: Manifest, platform: str) -> Discovered | None:
     mapped = store.mappings.get(manifest_desc.digest)
     if mapped is not None and (index := _local(store, mapped)) is not None:
         return Discovered(mapped, index, "local mapping")

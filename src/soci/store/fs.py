@@ -10,7 +10,10 @@ Layer Store:
     rmdir <ref dir>/<layer digest>      one user fewer (answers ENOENT)
 
 A layer without a zTOC answers ENOENT for ``diff``, ``info`` and ``blob`` so
-containers/storage pulls it the ordinary way. Nothing here is writable.
+containers/storage pulls it the ordinary way; so does a layer that cannot be
+resolved at all (registry unreachable, index or zTOC refused). EIO is kept for
+file data that cannot be read or fails verification once a layer is served.
+Nothing here is writable.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from bisect import bisect_right
@@ -42,6 +46,7 @@ _BLOCK = 4096
 _DIR_MODE = stat.S_IFDIR | 0o500
 _FILE_MODE = stat.S_IFREG | 0o400
 _LINK_MODE = stat.S_IFLNK | 0o400
+_DIGEST = re.compile(rb"sha256:[0-9a-f]{64}")
 
 
 @dataclass(slots=True)
@@ -200,7 +205,7 @@ class StoreFS(pyfuse3.Operations):
             return self._lookup_root(name)
         item = self._synthetic.get(parent_inode)
         if item is not None and item.kind == "refdir":
-            if not name.startswith(b"sha256:") or len(name) != 71:
+            if not _DIGEST.fullmatch(name):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             ino = self._new(parent_inode, name, _Synthetic("layerdir", item.ref, name.decode()))
             return self._getattr(ino)
@@ -230,14 +235,19 @@ class StoreFS(pyfuse3.Operations):
                             name: bytes) -> pyfuse3.EntryAttributes:
         if name not in (b"diff", b"info", b"blob"):
             raise pyfuse3.FUSEError(errno.ENOENT)  # "use", "diff1", anything else
+        # Whatever keeps the layer from being resolved (registry down, no or bad index,
+        # a zTOC refused) means "not here": podman then pulls the layer itself. EIO would
+        # fail the pull instead.
         try:
             layer = await trio.to_thread.run_sync(self.manager.get, item.ref, item.digest)
         except SociError as e:
-            log.warning("image %s layer %s: cannot resolve: %s", item.ref, item.digest, e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            log.warning("image %s layer %s: cannot resolve, not served lazily (pulled "
+                        "normally): %s", item.ref, item.digest, e)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
         except Exception:
-            log.exception("image %s layer %s: unexpected error", item.ref, item.digest)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            log.exception("image %s layer %s: unexpected error resolving it, not served "
+                          "lazily (pulled normally)", item.ref, item.digest)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
         if layer is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if name == b"diff":
