@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 from images import files_layer, write_image
 from registryd import FaultProxy, Registry, push_layout
 from soci.artifacts import ArtifactsDb, IndexRecord, ZtocRecord
+from soci.index.discover import DiscoveryFlights
 from storeenv import StoreDaemon
 
 
@@ -224,7 +225,10 @@ def test_a_failed_discovery_answers_enoent_to_every_lookup(pushed: dict) -> None
                 assert list(pool.map(look, range(LAYERS))) == [errno.ENOENT] * LAYERS
             index_gets = [s for s in proxy.counters.seen[before:]
                           if s.startswith("GET") and f"/manifests/{pushed['index']}" in s]
-            assert len(index_gets) == 1, index_gets
+            # Lookups that overlap share one failed discovery; a lookup that starts after it
+            # failed asks again (failures are not remembered), so on a loaded machine there
+            # may be a second request, never one per layer.
+            assert 1 <= len(index_gets) < LAYERS // 2, index_gets
             for digest in pushed["layers"]:
                 assert any("cannot resolve" in line and digest in line
                            for line in daemon.logs().splitlines()), digest
@@ -234,3 +238,50 @@ def test_a_failed_discovery_answers_enoent_to_every_lookup(pushed: dict) -> None
             assert (diff / "l0" / "file0").read_bytes() == b"layer 0 file 0\n" * 300
     finally:
         proxy.clear()
+
+
+def test_overlapping_discoveries_share_one_answer_or_error() -> None:
+    """The single flight itself, deterministically: waiters get the leader's result/error."""
+    flights = DiscoveryFlights()
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow(outcome: object) -> Callable[[], object]:
+        def run() -> object:
+            calls.append(1)
+            started.set()
+            release.wait(10)
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+        return run
+
+    for outcome in ("found", RuntimeError("registry down")):
+        calls.clear()
+        started.clear()
+        release.clear()
+        results: list[object] = []
+
+        def call(outcome: object = outcome, results: list[object] = results) -> None:
+            try:
+                results.append(flights.run(("sha256:m", "r/x"), slow(outcome)))
+            except RuntimeError as e:
+                results.append(e)
+
+        leader = threading.Thread(target=call)
+        leader.start()
+        assert started.wait(10)
+        waiters = [threading.Thread(target=call) for _ in range(5)]
+        for t in waiters:
+            t.start()
+        flight = flights._running[("sha256:m", "r/x")]
+        deadline = time.monotonic() + 10
+        while len(flight.done._cond._waiters) < 5:  # every waiter parked on the leader's flight
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        release.set()
+        for t in [leader, *waiters]:
+            t.join(10)
+        assert len(results) == 6
+        assert all(r is results[0] for r in results), results
+        assert len(calls) == 1

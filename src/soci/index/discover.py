@@ -116,28 +116,24 @@ class DiscoveryFlights:
             flight.done.set()
         return flight.result
 
-    @staticmethod
-    def of(store: LocalStore) -> DiscoveryFlights:
-        """The table owned by ``store`` (made on first use; lives and dies with it)."""
-        flights = getattr(store, "_discovery_flights", None)
-        if flights is None:
-            # dict.setdefault is atomic: two first callers still end up with one table.
-            flights = vars(store).setdefault("_discovery_flights", DiscoveryFlights())
-        return flights
 
 
 def discover_index(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
                    manifest_desc: Descriptor, manifest: Manifest,
-                   platform: str = "") -> Discovered | None:
+                   platform: str = "", flights: DiscoveryFlights | None = None,
+                   ) -> Discovered | None:
     """The SOCI index for an image manifest, or None when there is none anywhere.
 
-    Concurrent calls for the same manifest (and repository) on one store share one
-    discovery and its answer or error.
+    With ``flights`` (a long-lived server keeps one per store), concurrent calls for the
+    same manifest and repository share one discovery and its answer or error.
     """
+    def discover() -> Discovered | None:
+        return _discover(store, client, ref, manifest_desc, manifest, platform)
+
+    if flights is None:
+        return discover()
     source = "" if client is None or ref is None else f"{ref.registry}/{ref.repository}"
-    return DiscoveryFlights.of(store).run(
-        (manifest_desc.digest, source),
-        lambda: _discover(store, client, ref, manifest_desc, manifest, platform))
+    return flights.run((manifest_desc.digest, source), discover)
 
 
 def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference | None,

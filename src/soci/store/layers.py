@@ -29,7 +29,7 @@ from soci.fs.tree import LayerTree
 from soci.image.names import ImageName
 from soci.image.resolve import diff_ids, resolve_image
 from soci.image.sources import RegistrySource
-from soci.index.discover import discover_index
+from soci.index.discover import DiscoveryFlights, discover_index
 from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Manifest, Platform
@@ -131,6 +131,7 @@ class LayerManager:
                  disk: DiskCache | None, platform: Platform | None = None,
                  metrics: Metrics | None = None) -> None:
         self.store = store
+        self._discoveries = DiscoveryFlights()  # podman looks up an image's layers at once
         self.metrics = metrics
         self.client = client
         self.memory = memory
@@ -219,7 +220,8 @@ class LayerManager:
         if position is None:
             position = next((i for i, layer in enumerate(manifest.layers)
                              if (layer.annotations or {}).get(mt.ANN_TOC_DIGEST) == key), None)
-        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform))
+        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform),
+                               self._discoveries)
         if found is None:
             log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref, key)
             return None
