@@ -19,7 +19,7 @@ and turned into a Python exception in exactly one place per entry point.
 
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
-from libc.stdint cimport int64_t, int32_t, uint8_t
+from libc.stdint cimport int64_t, int32_t, uint8_t, INT32_MAX
 
 from soci._native.zlib cimport *
 from soci._native.tarscan cimport TarScanner
@@ -30,8 +30,20 @@ DEF CHECKPOINT_SIZE = 8 + 8 + 1 + WINSIZE
 DEF GZIP_TRAILER = 8
 DEF AUTO_GZIP = 47    # zlib or gzip header, 32 KiB window
 DEF RAW = -15         # raw deflate, 32 KiB window
+# zlib counts in unsigned int: longer buffers are handed over in pieces of this.
+DEF ZCHUNK = 1 << 30
 
 ZLIB_VERSION = zlibVersion().decode()
+
+# The largest piece of input or output handed to zlib in one call (its counters
+# are unsigned int); tests lower it to walk the piecewise paths with small data.
+cdef Py_ssize_t zlib_piece = ZCHUNK
+
+
+def _set_zlib_piece(Py_ssize_t n) -> None:
+    """Test hook: hand zlib at most ``n`` bytes at a time (0 restores the default)."""
+    global zlib_piece
+    zlib_piece = n if 0 < n <= ZCHUNK else ZCHUNK
 
 
 cdef class GzipIndexer:
@@ -81,6 +93,8 @@ cdef class GzipIndexer:
     cdef int add_checkpoint(self, uint8_t bits) noexcept nogil:
         cdef unsigned char *grown
         cdef unsigned char *p
+        if self.count == INT32_MAX:
+            return -1  # zinfo counts checkpoints in an int32
         if self.points_len + CHECKPOINT_SIZE > self.points_cap:
             self.points_cap *= 2
             grown = <unsigned char *>realloc(self.points, self.points_cap)
@@ -103,8 +117,12 @@ cdef class GzipIndexer:
         cdef unsigned int before_in, before_out, produced
         cdef Py_ssize_t room
         self.strm.next_in = data
-        self.strm.avail_in = <unsigned int>n
-        while self.strm.avail_in > 0:
+        self.strm.avail_in = 0
+        while self.strm.avail_in > 0 or n > 0:
+            if self.strm.avail_in == 0:
+                # zlib takes at most an unsigned int of input at a time.
+                self.strm.avail_in = <unsigned int>(zlib_piece if n > zlib_piece else n)
+                n -= self.strm.avail_in
             if self.member_ended:
                 # More bytes after a member: they must start another gzip member.
                 inflateReset2(&self.strm, AUTO_GZIP)
@@ -139,7 +157,7 @@ cdef class GzipIndexer:
             if ((self.strm.data_type & 128) and not (self.strm.data_type & 64)
                     and (self.total_out == 0 or self.total_out - self.last > self.span_size)):
                 if self.add_checkpoint(<uint8_t>(self.strm.data_type & 7)) < 0:
-                    why[0] = "out of memory"
+                    why[0] = "too many checkpoints (out of memory)"
                     return -1
         return 0
 
@@ -208,7 +226,7 @@ cdef int inflate_from(const unsigned char *comp, Py_ssize_t comp_len, int bits,
     cdef unsigned char discard[WINSIZE]
     cdef int ret
     cdef bint raw = True
-    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t pos = 0, room
     cdef unsigned int before
     memset(&strm, 0, sizeof(z_stream))
     got[0] = 0
@@ -224,16 +242,23 @@ cdef int inflate_from(const unsigned char *comp, Py_ssize_t comp_len, int bits,
         pos = 1
     inflateSetDictionary(&strm, window, WINSIZE)
     strm.next_in = comp + pos
-    strm.avail_in = <unsigned int>(comp_len - pos)
+    strm.avail_in = 0
     while True:
+        if strm.avail_in == 0 and pos < comp_len:
+            # zlib takes at most an unsigned int of input at a time.
+            strm.next_in = comp + pos
+            strm.avail_in = <unsigned int>(zlib_piece if comp_len - pos > zlib_piece
+                                           else comp_len - pos)
+            pos += strm.avail_in
         if skip > 0:
             strm.next_out = discard
             strm.avail_out = WINSIZE if skip > WINSIZE else <unsigned int>skip
         else:
-            strm.next_out = dest + got[0]
-            strm.avail_out = <unsigned int>(want - got[0])
-            if strm.avail_out == 0:
+            room = want - got[0]
+            if room == 0:
                 break
+            strm.next_out = dest + got[0]
+            strm.avail_out = <unsigned int>(zlib_piece if room > zlib_piece else room)
         before = strm.avail_out
         ret = inflate(&strm, Z_NO_FLUSH)
         if skip > 0:
@@ -244,16 +269,22 @@ cdef int inflate_from(const unsigned char *comp, Py_ssize_t comp_len, int bits,
             # A member ended inside the range: step over its trailer (raw
             # inflate leaves it; gzip mode eats it) and go on with the next.
             if raw:
-                if strm.avail_in < GZIP_TRAILER:
+                if strm.avail_in + (comp_len - pos) < GZIP_TRAILER:
                     break
-                strm.next_in += GZIP_TRAILER
-                strm.avail_in -= GZIP_TRAILER
+                if strm.avail_in < GZIP_TRAILER:
+                    # The trailer straddles two input pieces: restart right after it.
+                    pos += GZIP_TRAILER - strm.avail_in
+                    strm.avail_in = 0
+                else:
+                    strm.next_in += GZIP_TRAILER
+                    strm.avail_in -= GZIP_TRAILER
                 raw = False
-            if strm.avail_in == 0:
+            if strm.avail_in == 0 and pos == comp_len:
                 break
             inflateReset2(&strm, AUTO_GZIP)
             continue
-        if ret == Z_BUF_ERROR or (ret == Z_OK and strm.avail_in == 0 and strm.avail_out != 0):
+        if ret == Z_BUF_ERROR or (ret == Z_OK and strm.avail_in == 0 and pos == comp_len
+                                  and strm.avail_out != 0):
             break
         if ret != Z_OK:
             why[0] = strm.msg
@@ -280,6 +311,8 @@ def inflate_range(const unsigned char[:] comp, int bits, const unsigned char[:] 
         raise ValueError("a checkpoint window is 32768 bytes")
     if not 0 <= bits <= 7:
         raise ValueError("checkpoint bits must be 0..7")
+    if skip < 0:
+        raise ValueError("the bytes to skip cannot be negative")
     if comp.shape[0] == 0:
         return 0
     with nogil:

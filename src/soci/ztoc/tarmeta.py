@@ -121,7 +121,10 @@ class TocDecoder:
             return
         if typeflag == ord("g"):
             # Go returns global headers as entries and upstream then refuses the layer;
-            # they describe the archive, not a file, so we leave them out instead.
+            # they describe the archive, not a file, so we leave them out instead. Being an
+            # entry of its own to Go, it still ends what earlier extended headers said.
+            parse_pax(body)  # Go refuses a malformed one
+            self._pax = self._long_name = self._long_link = None
             return
         if typeflag in (ord("L"), ord("K")):
             value = bytes(body).split(b"\0", 1)[0]
