@@ -9,9 +9,12 @@ refuses spans longer than the declared span size allows.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import io
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -19,10 +22,20 @@ import tarfile
 import pytest
 
 from images import big_file, files_layer
-from layers import Node, tar_with_tarfile
+from layers import Node, gzip_with, tar_with_tarfile
 from soci.errors import ZtocFormatError
-from soci.ztoc import build_ztoc, decode, encode
-from soci.ztoc.codec import MAX_NAME
+from soci.ztoc import Ztoc, build_ztoc, decode, encode
+from soci.ztoc.codec import MAX_NAME, check
+from soci.ztoc.extract import split_verified
+from soci.ztoc.zinfo import (
+    MAX_SPAN_BYTES,
+    SPAN_SLACK,
+    GzipZinfo,
+    TarZinfo,
+    check_span_lengths,
+    span_limit,
+    zinfo_of,
+)
 from ztoc_craft import shared_entry_ztoc
 
 #: The address space the decoding child may use: far below what the hostile zTOCs below
@@ -126,3 +139,90 @@ def test_real_ztocs_charge_at_most_their_own_size(name: str, gz: bool) -> None:
     assert encode(z) == data
     with pytest.raises(ZtocFormatError, match="entries and strings"):
         decode(data, budget=len(data) // 4)
+
+
+# -- span lengths -----------------------------------------------------------------------
+
+
+def _zeros_and_noise() -> bytes:
+    # Zeros: one deflate block of zeros inflates to megabytes (about 8 MiB from GNU gzip),
+    # so spans of this layer overrun their span size by the most a real encoder makes.
+    return files_layer({"a/zeros": bytes(24 << 20), "b/noise": big_file("n", 2 << 20),
+                        "c/zeros": bytes(9 << 20)})
+
+
+@pytest.fixture(scope="module")
+def zeros_and_noise() -> bytes:
+    return _zeros_and_noise()
+
+
+def _span_lengths(z: Ztoc) -> list[int]:
+    zinfo = zinfo_of(z)
+    assert isinstance(zinfo, GzipZinfo)
+    ends = [*zinfo.outs[1:], max(z.uncompressed_size, zinfo.outs[-1])]
+    return [b - a for a, b in zip(zinfo.outs, ends, strict=True)]
+
+
+@pytest.mark.parametrize("writer", ["py-1", "py-9", "gzip-cli", "pigz", "multi"])
+def test_real_layers_pass_the_span_check(zeros_and_noise: bytes, writer: str) -> None:
+    blob = gzip_with(zeros_and_noise, writer)
+    for span in (64 << 10, 1 << 20, 4 << 20):
+        z = decode(encode(build_ztoc(io.BytesIO(blob), span_size=span).ztoc))
+        check(z)
+        lengths = _span_lengths(z)
+        overrun = max(lengths[:-1]) - span
+        print(f"{writer} span {span}: {len(lengths)} spans, longest overruns by {overrun}")
+        assert max(lengths) <= span_limit(span)
+
+
+def forge_fewer_checkpoints(z: Ztoc, blob: bytes, keep: int, span_size: int | None = None
+                            ) -> Ztoc:
+    """``z`` with only its first ``keep`` checkpoints (and optionally another declared span
+    size), re-encoded with our codec and its span digests recomputed: self-consistent."""
+    count, declared = struct.unpack_from("<iq", z.checkpoints)
+    each = (len(z.checkpoints) - 12) // count
+    blob_cps = struct.pack("<iq", keep, span_size or declared) + z.checkpoints[12:12 + keep * each]
+    zinfo = GzipZinfo(blob_cps, len(blob))
+    digests = ["sha256:" + hashlib.sha256(
+        blob[zinfo.compressed_start(i) : zinfo.compressed_end(i)]).hexdigest()
+        for i in range(keep)]
+    forged = dataclasses.replace(z, checkpoints=blob_cps, max_span_id=keep - 1,
+                                 span_digests=digests)
+    forged = decode(encode(forged))
+    # The forgery verifies: every span matches its digest.
+    split_verified(forged, zinfo, blob, 0, 0, keep - 1)
+    return forged
+
+
+@pytest.mark.parametrize("span", [1 << 20, 4 << 20])
+def test_zTOC_with_dropped_checkpoints_is_refused(zeros_and_noise: bytes, span: int) -> None:
+    blob = gzip.compress(zeros_and_noise, 1, mtime=0)
+    z = build_ztoc(io.BytesIO(blob), span_size=span).ztoc
+    check(z)
+    assert z.span_count > 5
+    forged = forge_fewer_checkpoints(z, blob, keep=1)
+    with pytest.raises(ZtocFormatError) as e:
+        check(forged)
+    assert str(e.value) == (
+        f"zTOC span 0 holds {z.uncompressed_size} uncompressed bytes, over the "
+        f"{span + SPAN_SLACK} a {span}-byte span size allows (checkpoints missing?)"
+    )
+
+
+def test_declared_span_size_cannot_lift_the_absolute_cap() -> None:
+    # A forger who also raises the declared span size still meets MAX_SPAN_BYTES.
+    raw = files_layer({"zeros": bytes(MAX_SPAN_BYTES + (4 << 20))})
+    blob = gzip.compress(raw, 1, mtime=0)
+    z = build_ztoc(io.BytesIO(blob), span_size=4 << 20).ztoc
+    check(z)
+    forged = forge_fewer_checkpoints(z, blob, keep=1, span_size=1 << 40)
+    with pytest.raises(ZtocFormatError, match=f"over the {MAX_SPAN_BYTES} a"):
+        check(forged)
+
+
+def test_tar_span_lengths_are_capped() -> None:
+    # Plain-tar spans are exactly the span size (the last shorter), so only the size matters.
+    check_span_lengths(TarZinfo(TarZinfo.encode(1 << 40, 10_000)), 10_000)
+    check_span_lengths(TarZinfo(TarZinfo.encode(MAX_SPAN_BYTES, 1 << 40)), 1 << 40)
+    with pytest.raises(ZtocFormatError, match="spans are 67108865 bytes long"):
+        check_span_lengths(TarZinfo(TarZinfo.encode(MAX_SPAN_BYTES + 1, 1 << 40)), 1 << 40)
