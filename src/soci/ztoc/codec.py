@@ -85,7 +85,8 @@ def check(ztoc: Ztoc) -> None:
     """Refuse a zTOC that could make a reader misbehave (before serving from it).
 
     Checks sizes, entry count, each entry's type, name length and data range, and the
-    span geometry (checkpoints inside the layer, one digest per span).
+    span geometry (checkpoints inside the layer, one digest per span, no span longer than
+    ``zinfo.span_limit`` of the declared span size, so no read inflates a whole layer).
     """
     from soci.ztoc.zinfo import zinfo_of  # the geometry checks live with the geometry
 
