@@ -11,7 +11,9 @@ import contextlib
 import gzip
 import io
 import json
+import resource
 import tarfile
+from collections.abc import Iterator
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -24,6 +26,7 @@ from soci.oci.descriptor import Index, Manifest
 from soci.ztoc import build_ztoc, decode, encode
 from soci.ztoc.codec import check
 from soci.ztoc.zinfo import GzipZinfo
+from ztoc_craft import shared_entry_ztoc
 
 RAW = tar_with_tarfile([Node("a/b", data=b"x" * 70_000), Node("a/../../etc", data=b"y"),
                         Node("c", "symlink", target="/etc/passwd")], tarfile.PAX_FORMAT)
@@ -33,13 +36,34 @@ VALID_TAR = encode(build_ztoc(io.BytesIO(RAW), span_size=20_000).ztoc)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-def _survives_ztoc(data: bytes) -> None:
+#: Address space a fuzzed zTOC may add while it is decoded and checked: hundreds of times
+#: what any input here may honestly need, a fraction of what a decoder without bounds takes.
+FUZZ_MEMORY = 256 << 20
+
+
+@contextlib.contextmanager
+def memory_cap(extra: int = FUZZ_MEMORY) -> Iterator[None]:
+    """Limit this process's address space to its current size plus ``extra`` for a while,
+    so a parser that allocates without bound fails here (MemoryError) instead of passing."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        size = next(int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:"))
+    cap = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
     try:
-        z = decode(data)
-        check(z)
-        LayerTree(z)
-    except SociError:
-        pass
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _survives_ztoc(data: bytes) -> None:
+    with memory_cap():
+        try:
+            z = decode(data)
+            check(z)
+            LayerTree(z)
+        except SociError:
+            pass
 
 
 @FUZZ
@@ -61,6 +85,19 @@ def test_ztoc_decoder_on_mutated_ztocs(valid: bytes, draw: st.DataObject) -> Non
     for pos, value in flips:
         data[pos] = value
     _survives_ztoc(bytes(data[:cut]) if cut else bytes(data))
+
+
+@settings(FUZZ, max_examples=40)
+@given(st.integers(0, 45_000), st.integers(0, 100_000), st.integers(0, 40),
+       st.integers(0, 5000), st.integers(0, 5000))
+@example(20_000, 100_000, 0, 0, 71)  # 180 KB that decoded to 2 GB before decoding had bounds
+@example(45_000, 4000, 0, 0, 71)  # names within MAX_NAME: 180 MB before
+@example(1000, 10, 40, 5000, 5000)
+def test_ztoc_decoder_on_shared_structures(entries: int, name_len: int, pax: int,
+                                           digests: int, digest_len: int) -> None:
+    # Valid FlatBuffers whose offsets point many times at one entry, record or string.
+    _survives_ztoc(shared_entry_ztoc(entries, name_len, pax=pax, digests=digests,
+                                     digest_len=digest_len))
 
 
 @FUZZ

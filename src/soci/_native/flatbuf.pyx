@@ -15,7 +15,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset
-from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 
 DEF MAX_FIELDS = 16
 
@@ -72,6 +72,9 @@ cdef class Builder:
         if size > self.minalign:
             self.minalign = size
         align = (-(<Py_ssize_t>self.offset() + additional)) & (size - 1)
+        # uoffsets are 32-bit and FlatBuffers cap a buffer at 2 GiB: refuse to go past it.
+        if additional > 0x7FFFFFFF or self.cap - self.head + align + size + additional > 0x7FFFFFFF:
+            raise ValueError("a zTOC cannot exceed the 2 GiB a FlatBuffer can address")
         if self.head < align + size + additional:
             self.grow(align + size + additional)
         self.head -= align
@@ -305,21 +308,53 @@ def encode_ztoc(str version, str build_tool, int64_t compressed_size, int64_t un
 
 # -- decoding ------------------------------------------------------------------
 
+# What an entry, a PAX record and a string take at least in a buffer written by upstream's
+# builder (or ours), beyond their string bytes: an entry is its vector slot, its table's
+# vtable offset, seven offsets (six strings and the PAX record vector) and that vector's
+# length; a PAX record is its slot, vtable offset and two offsets; a string is its length
+# and its NUL. Charging these for every use, shared or not, makes the total charge of an
+# honest zTOC (which shares no table and no string) at most its own size.
+DEF ENTRY_COST = 40
+DEF RECORD_COST = 16
+DEF STRING_COST = 5
+
+
 cdef class Reader:
-    """Bounds-checked access to tables, vectors and strings in a FlatBuffer."""
+    """Bounds-checked access to tables, vectors and strings in a FlatBuffer.
+
+    ``budget`` is how many bytes decoding may still charge: FlatBuffer offsets may point
+    many times at one table or string, so what a buffer decodes to is only bounded by
+    what the decoder counts as it goes.
+    """
 
     cdef const unsigned char *p
     cdef Py_ssize_t n
     cdef object keep
+    cdef int64_t budget
+    cdef int64_t allowed
+    cdef uint32_t last_len  # bytes in the string string_at decoded last
 
-    def __cinit__(self, const unsigned char[:] data, object keep):
+    def __cinit__(self, const unsigned char[:] data, object keep, int64_t budget=-1):
         self.n = data.shape[0]
         self.p = &data[0] if self.n else NULL
         self.keep = keep
+        self.budget = self.allowed = budget
 
     cdef int check(self, Py_ssize_t pos, Py_ssize_t size) except -1:
-        if pos < 0 or size < 0 or pos + size > self.n:
+        # Written so that nothing can overflow: pos is checked before size is compared.
+        if pos < 0 or size < 0 or pos > self.n or size > self.n - pos:
             raise ValueError(f"offset {pos}+{size} is outside the {self.n}-byte buffer")
+        return 0
+
+    cdef int charge(self, int64_t cost) except -1:
+        if self.allowed < 0:
+            return 0
+        if cost > self.budget:
+            raise ValueError(
+                f"its {self.n} bytes decode to over {self.allowed} bytes of entries and "
+                "strings (tables or strings are shared)"
+            )
+        self.budget -= cost
         return 0
 
     cdef uint32_t u32(self, Py_ssize_t pos) except? 0xFFFFFFFF:
@@ -330,123 +365,156 @@ cdef class Reader:
 
     cdef Py_ssize_t deref(self, Py_ssize_t pos) except -1:
         """Follow the uoffset stored at pos."""
-        cdef Py_ssize_t target = pos + <Py_ssize_t>self.u32(pos)
-        self.check(target, 4)
-        return target
+        cdef uint32_t off = self.u32(pos)
+        if off > <uint64_t>(self.n - pos):
+            raise ValueError(f"offset {pos}+{off} is outside the {self.n}-byte buffer")
+        self.check(pos + <Py_ssize_t>off, 4)
+        return pos + <Py_ssize_t>off
 
-    cdef Py_ssize_t field(self, Py_ssize_t table, int slot) except -2:
-        """Position of a table's field, or -1 when absent."""
+    cdef Py_ssize_t field(self, Py_ssize_t table, int slot, Py_ssize_t size) except -2:
+        """Position of a table's ``size``-byte field, or -1 when absent."""
         cdef int32_t rel
         cdef uint16_t vlen, tlen, off
-        cdef Py_ssize_t vt
+        cdef int64_t vt
         self.check(table, 4)
         memcpy(&rel, self.p + table, 4)
-        vt = table - rel
-        self.check(vt, 4)
+        vt = <int64_t>table - <int64_t>rel
+        if vt < 0 or vt > self.n:
+            raise ValueError(f"vtable at {vt} is outside the {self.n}-byte buffer")
+        self.check(<Py_ssize_t>vt, 4)
         memcpy(&vlen, self.p + vt, 2)
         memcpy(&tlen, self.p + vt + 2, 2)
         if vlen < 4 or vlen & 1:
             raise ValueError("malformed vtable")
-        self.check(vt, vlen)
+        self.check(<Py_ssize_t>vt, vlen)
+        self.check(table, tlen)
         if 4 + 2 * slot + 2 > vlen:
             return -1
         memcpy(&off, self.p + vt + 4 + 2 * slot, 2)
         if off == 0:
             return -1
+        self.check(table + off, size)
         return table + off
 
     cdef Py_ssize_t table(self, Py_ssize_t table, int slot) except -2:
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 4)
         return -1 if pos < 0 else self.deref(pos)
 
     cdef int64_t i64(self, Py_ssize_t table, int slot, int64_t default) except? -0x7fffffffffffffff:
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 8)
         cdef int64_t x
         if pos < 0:
             return default
-        self.check(pos, 8)
         memcpy(&x, self.p + pos, 8)
         return x
 
     cdef int64_t i32(self, Py_ssize_t table, int slot, int64_t default) except? -0x7fffffffffffffff:
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 4)
         cdef int32_t x
         if pos < 0:
             return default
-        self.check(pos, 4)
         memcpy(&x, self.p + pos, 4)
         return x
 
     cdef int64_t u32f(self, Py_ssize_t table, int slot) except? -1:
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 4)
         if pos < 0:
             return 0
         return self.u32(pos)
 
     cdef int64_t i8(self, Py_ssize_t table, int slot, int64_t default) except? -129:
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 1)
         if pos < 0:
             return default
-        self.check(pos, 1)
         return <int8_t>self.p[pos]
 
     cdef Py_ssize_t vector(self, Py_ssize_t table, int slot, Py_ssize_t elem, Py_ssize_t *count) except -2:
         """Start of a vector's elements (and its length), or -1 when absent."""
-        cdef Py_ssize_t pos = self.field(table, slot)
+        cdef Py_ssize_t pos = self.field(table, slot, 4)
         cdef uint32_t n
         if pos < 0:
             count[0] = 0
             return -1
         pos = self.deref(pos)
         n = self.u32(pos)
-        self.check(pos + 4, <Py_ssize_t>n * elem)
+        # Divide rather than multiply: n * elem must not overflow before the check.
+        if n > <uint64_t>((self.n - pos - 4) // elem):
+            raise ValueError(f"{n}-element vector at {pos} overruns the {self.n}-byte buffer")
         count[0] = n
         return pos + 4
 
-    cdef str string_at(self, Py_ssize_t pos):
+    cdef str string_at(self, Py_ssize_t pos, Py_ssize_t limit, str what):
+        """The string at pos, refused before decoding if longer than limit bytes."""
         cdef uint32_t n = self.u32(pos)
+        if n > <uint64_t>limit:
+            raise ValueError(f"{what} is {n} bytes long (limit {limit})")
         self.check(pos + 4, n)
+        self.charge(<int64_t>n + STRING_COST)
+        self.last_len = n
         return PyUnicode_DecodeUTF8(<const char *>self.p + pos + 4, n, "surrogateescape")
 
-    cdef str string(self, Py_ssize_t table, int slot):
-        cdef Py_ssize_t pos = self.field(table, slot)
+    cdef str string(self, Py_ssize_t table, int slot, Py_ssize_t limit, str what):
+        cdef Py_ssize_t pos = self.field(table, slot, 4)
         if pos < 0:
             return ""
-        return self.string_at(self.deref(pos))
+        return self.string_at(self.deref(pos), limit, what)
 
 
-def decode_ztoc(const unsigned char[:] data, object make_entry):
-    """Parse a zTOC FlatBuffer.
+def decode_ztoc(const unsigned char[:] data, object make_entry, *, int64_t budget,
+                Py_ssize_t max_entries, Py_ssize_t max_name, Py_ssize_t max_pax):
+    """Parse a zTOC FlatBuffer, refusing it as soon as it decodes to more than it may.
 
     Returns ``(version, build_tool, compressed_size, uncompressed_size,
     entries, algorithm, max_span_id, span_digests, checkpoints)`` where each
     entry is ``make_entry(name, type, offset, size, linkname, mode, uid, gid,
     uname, gname, mod_time, devmajor, devminor, xattrs)``.
+
+    Every entry, PAX record and string is charged against ``budget`` each time it is
+    decoded (see ENTRY_COST), so sharing cannot multiply memory; no more than
+    ``max_entries`` entries, no string of an entry longer than ``max_name`` bytes and
+    no more than ``max_pax`` bytes of PAX records per entry are decoded.
     """
-    cdef Reader r = Reader(data, data)
+    cdef Reader r = Reader(data, data, budget)
     cdef Py_ssize_t root, toc, info, vec, count, i, me, xvec, xcount, j, x, cps
+    cdef int64_t pax
     if data.shape[0] < 8:
         raise ValueError("buffer too small for a FlatBuffer")
     root = r.deref(0)
-    version = r.string(root, 0)
-    build_tool = r.string(root, 1)
+    version = r.string(root, 0, max_name, "version")
+    build_tool = r.string(root, 1, max_name, "build tool")
     compressed_size = r.i64(root, 2, 0)
     uncompressed_size = r.i64(root, 3, 0)
     entries = []
     toc = r.table(root, 4)
     if toc >= 0:
         vec = r.vector(toc, 0, 4, &count)
+        if count > max_entries:
+            raise ValueError(f"it lists {count} entries (limit {max_entries})")
         for i in range(count):
+            r.charge(ENTRY_COST)
             me = r.deref(vec + 4 * i)
             xattrs = {}
             xvec = r.vector(me, 13, 4, &xcount)
+            pax = max_pax
             for j in range(xcount):
+                r.charge(RECORD_COST)
                 x = r.deref(xvec + 4 * j)
-                xattrs[r.string(x, 0)] = r.string(x, 1)
+                r.last_len = 0
+                key = r.string(x, 0, max_pax, "a PAX record key")
+                pax -= r.last_len
+                r.last_len = 0
+                value = r.string(x, 1, max_pax, "a PAX record value")
+                pax -= r.last_len
+                if pax < 0:
+                    raise ValueError(f"an entry has over {max_pax} bytes of PAX records")
+                xattrs[key] = value
             entries.append(make_entry(
-                r.string(me, 0), r.string(me, 1), r.i64(me, 2, 0), r.i64(me, 3, 0),
-                r.string(me, 4), r.i64(me, 5, 0), r.u32f(me, 6), r.u32f(me, 7),
-                r.string(me, 8), r.string(me, 9), r.string(me, 10),
+                r.string(me, 0, max_name, "an entry name"), r.string(me, 1, max_name, "a type"),
+                r.i64(me, 2, 0), r.i64(me, 3, 0),
+                r.string(me, 4, max_name, "a link name"), r.i64(me, 5, 0),
+                r.u32f(me, 6), r.u32f(me, 7),
+                r.string(me, 8, max_name, "a user name"), r.string(me, 9, max_name, "a group name"),
+                r.string(me, 10, max_name, "a modification time"),
                 r.i64(me, 11, 0), r.i64(me, 12, 0), xattrs,
             ))
     algorithm = 1
@@ -459,9 +527,11 @@ def decode_ztoc(const unsigned char[:] data, object make_entry):
         max_span_id = r.i32(info, 1, 0)
         vec = r.vector(info, 2, 4, &count)
         for i in range(count):
-            digests.append(r.string_at(r.deref(vec + 4 * i)))
+            r.charge(4)
+            digests.append(r.string_at(r.deref(vec + 4 * i), max_name, "a span digest"))
         cps = r.vector(info, 3, 1, &count)
         if cps >= 0:
+            r.charge(count)
             checkpoints = PyBytes_FromStringAndSize(<const char *>r.p + cps, count)
     return (version, build_tool, compressed_size, uncompressed_size, entries,
             algorithm, max_span_id, digests, checkpoints)

@@ -26,11 +26,45 @@ def encode(ztoc: Ztoc) -> bytes:
     )
 
 
-def decode(data: bytes) -> Ztoc:
-    """Parse zTOC bytes; raise ``ZtocFormatError`` naming the problem if they are malformed."""
+#: Limits that no real layer reaches and that keep a hostile zTOC from exhausting memory.
+MAX_ENTRIES = 5_000_000
+#: Longest entry name, link name, user/group name (bytes; Linux's PATH_MAX).
+MAX_NAME = 4096
+#: Most bytes of PAX records (keys plus values) one entry may carry: the tar scanner, like
+#: Go's tar reader, refuses PAX headers over 1 MiB, so a real layer never has more.
+MAX_PAX = 1 << 20
+#: What decoding may charge beyond twice the zTOC's size (see ``decode``).
+DECODE_SLACK = 1 << 20
+
+
+def decode_budget(size: int) -> int:
+    """Bytes of entries and strings a ``size``-byte zTOC may decode to.
+
+    The decoder charges every entry, PAX record and string each time it is reached (an
+    entry 40 bytes plus its strings, a string its length plus 5), which is never more than
+    the bytes they take in a buffer that shares nothing: upstream's builder and ours never
+    share a table or a string, so a real zTOC charges at most its own size. Twice that, plus
+    a constant, leaves room for other writers, while a zTOC whose offsets all point at one
+    large entry is refused after a few entries instead of decoding to gigabytes.
+    """
+    return 2 * size + DECODE_SLACK
+
+
+def decode(data: bytes, *, budget: int | None = None) -> Ztoc:
+    """Parse zTOC bytes; raise ``ZtocFormatError`` naming the problem if they are malformed.
+
+    Memory is bounded by the input: decoding stops with an error once it has produced more
+    than ``budget`` bytes of entries and strings (default ``decode_budget(len(data))``), more
+    than ``MAX_ENTRIES`` entries, a name over ``MAX_NAME`` bytes or PAX records over
+    ``MAX_PAX`` bytes in one entry, before building anything larger.
+    """
     try:
         (version, tool, csize, usize, entries, algorithm, max_span, digests, checkpoints) = (
-            flatbuf.decode_ztoc(data, FileMetadata)
+            flatbuf.decode_ztoc(
+                data, FileMetadata,
+                budget=decode_budget(len(data)) if budget is None else budget,
+                max_entries=MAX_ENTRIES, max_name=MAX_NAME, max_pax=MAX_PAX,
+            )
         )
     except (ValueError, OverflowError) as e:
         raise ZtocFormatError(f"malformed zTOC: {e}") from None
@@ -44,9 +78,6 @@ def decode(data: bytes) -> Ztoc:
     return Ztoc(version, tool, csize, usize, entries, compression, max_span, digests, checkpoints)
 
 
-#: Limits that no real layer reaches and that keep a hostile zTOC from exhausting memory.
-MAX_ENTRIES = 5_000_000
-MAX_NAME = 4096
 _TYPES = frozenset({"reg", "dir", "symlink", "hardlink", "char", "block", "fifo"})
 
 
@@ -54,7 +85,8 @@ def check(ztoc: Ztoc) -> None:
     """Refuse a zTOC that could make a reader misbehave (before serving from it).
 
     Checks sizes, entry count, each entry's type, name length and data range, and the
-    span geometry (checkpoints inside the layer, one digest per span).
+    span geometry (checkpoints inside the layer, one digest per span, no span longer than
+    ``zinfo.span_limit`` of the declared span size, so no read inflates a whole layer).
     """
     from soci.ztoc.zinfo import zinfo_of  # the geometry checks live with the geometry
 

@@ -22,6 +22,17 @@ _HEADER = struct.Struct("<iq")
 #: The version written into TarZinfo by upstream.
 TAR_ZINFO_VERSION = 2
 
+#: No span may hold more uncompressed bytes than this, whatever the zTOC says its span size
+#: is: far above any span size in use (upstream's default, and ours, is 4 MiB), and what
+#: one span read may have to inflate at worst.
+MAX_SPAN_BYTES = 64 << 20
+#: How far past its span size a gzip span may run. A checkpoint goes at the first deflate
+#: block boundary after more than span_size bytes of output (the final block of a member
+#: is no boundary), so a span exceeds span_size by at most one block's output: at most
+#: 32767 matches of 258 bytes (8,454,144 bytes) from zlib, GNU gzip and Go's encoders,
+#: even for zeros. Twice that leaves room for other encoders.
+SPAN_SLACK = 16 << 20
+
 
 class Zinfo(Protocol):
     span_size: int
@@ -141,8 +152,40 @@ class TarZinfo:
         return span * self.span_size
 
 
+def span_limit(span_size: int) -> int:
+    """Most uncompressed bytes a span of a zTOC built with ``span_size`` may hold."""
+    return min(MAX_SPAN_BYTES, span_size + SPAN_SLACK)
+
+
+def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> None:
+    """Refuse spans longer than ``span_limit`` of the span size the checkpoints declare.
+
+    The zTOC records where each span starts, not how long it may be, and a zTOC whose
+    checkpoints were dropped (its digests recomputed, so it verifies) leaves a reader
+    inflating a whole layer for one small read. The last gzip span counts up to
+    ``uncompressed_size`` (what a reader may ask for; trailing padding past the tar's end
+    is never read).
+    """
+    if isinstance(zinfo, TarZinfo):
+        longest = min(zinfo.span_size, zinfo.size)
+        if longest > MAX_SPAN_BYTES:
+            raise ZtocFormatError(
+                f"zTOC spans are {longest} bytes long (limit {MAX_SPAN_BYTES})"
+            )
+        return
+    limit = span_limit(zinfo.span_size)
+    outs = zinfo.outs
+    for i in range(len(outs)):
+        end = outs[i + 1] if i + 1 < len(outs) else max(uncompressed_size, outs[i])
+        if end - outs[i] > limit:
+            raise ZtocFormatError(
+                f"zTOC span {i} holds {end - outs[i]} uncompressed bytes, over the {limit}"
+                f" a {zinfo.span_size}-byte span size allows (checkpoints missing?)"
+            )
+
+
 def zinfo_of(ztoc: Ztoc) -> GzipZinfo | TarZinfo:
-    """The span geometry for a zTOC, checked against the zTOC's own span count."""
+    """The span geometry for a zTOC, checked against the zTOC's own span count and sizes."""
     zinfo: GzipZinfo | TarZinfo
     if ztoc.compression is Compression.GZIP:
         zinfo = GzipZinfo(ztoc.checkpoints, ztoc.compressed_size)
@@ -152,4 +195,5 @@ def zinfo_of(ztoc: Ztoc) -> GzipZinfo | TarZinfo:
         raise ZtocFormatError(
             f"zTOC claims {ztoc.span_count} spans but its checkpoints and digests disagree"
         )
+    check_span_lengths(zinfo, ztoc.uncompressed_size)
     return zinfo
