@@ -126,3 +126,18 @@ def test_cli_failure_is_one_line_and_leaves_no_file(tmp_path) -> None:
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [bad]
+
+
+def test_span_sizes_a_reader_would_refuse_are_not_built(tmp_path) -> None:
+    """Readers cap a span at MAX_SPAN_BYTES, so the builder refuses span sizes past it."""
+    from soci.ztoc import MAX_SPAN_SIZE
+
+    with pytest.raises(ValueError, match="span size"):
+        build_ztoc(io.BytesIO(b""), span_size=MAX_SPAN_SIZE + 1)
+    layer = tmp_path / "layer.tar"
+    layer.write_bytes(b"\0" * 1024)
+    proc = subprocess.run([sys.executable, "-m", "soci.cli", "ztoc", "build", "--span-size",
+                           str(MAX_SPAN_SIZE + 1), str(layer), "-o", str(tmp_path / "z")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "span-size" in proc.stderr
+    assert not (tmp_path / "z").exists()

@@ -22,7 +22,7 @@ from soci.index.create import (
 )
 from soci.index.push import push_index
 from soci.oci.descriptor import Platform
-from soci.ztoc import DEFAULT_SPAN_SIZE
+from soci.ztoc import DEFAULT_SPAN_SIZE, MAX_SPAN_SIZE
 
 
 def _platforms(values: tuple[str, ...]) -> list[Platform] | None:
@@ -31,8 +31,9 @@ def _platforms(values: tuple[str, ...]) -> list[Platform] | None:
 
 def build_options(f):
     for option in reversed([
-        click.option("--span-size", type=click.IntRange(min=1), default=DEFAULT_SPAN_SIZE,
-                     show_default=True, help="Uncompressed bytes between checkpoints."),
+        click.option("--span-size", type=click.IntRange(min=1, max=MAX_SPAN_SIZE),
+                     default=DEFAULT_SPAN_SIZE, show_default=True,
+                     help="Uncompressed bytes between checkpoints."),
         click.option("--min-layer-size", type=click.IntRange(min=0),
                      default=DEFAULT_MIN_LAYER_SIZE, show_default=True,
                      help="Skip layers smaller than this (0 indexes every layer)."),

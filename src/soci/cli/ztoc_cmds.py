@@ -18,6 +18,7 @@ from soci.oci.verify import sha256_digest
 from soci.registry import Reference, RegistryClient
 from soci.ztoc import (
     DEFAULT_SPAN_SIZE,
+    MAX_SPAN_SIZE,
     FileBlob,
     LayerReader,
     Ztoc,
@@ -60,7 +61,8 @@ def ztoc() -> None:
 
 @ztoc.command("build")
 @click.argument("layer", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("--span-size", type=click.IntRange(min=1), default=DEFAULT_SPAN_SIZE,
+@click.option("--span-size", type=click.IntRange(min=1, max=MAX_SPAN_SIZE),
+              default=DEFAULT_SPAN_SIZE,
               show_default=True, help="Uncompressed bytes between checkpoints.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write the zTOC [default: LAYER.ztoc, or ztoc for stdin].")

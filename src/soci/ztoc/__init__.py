@@ -4,10 +4,11 @@ from soci.ztoc.builder import BuildResult, build_ztoc
 from soci.ztoc.codec import decode, encode
 from soci.ztoc.extract import FileBlob, LayerReader, find_file
 from soci.ztoc.model import DEFAULT_SPAN_SIZE, Compression, FileMetadata, Ztoc
-from soci.ztoc.zinfo import GzipZinfo, TarZinfo, zinfo_of
+from soci.ztoc.zinfo import MAX_SPAN_SIZE, GzipZinfo, TarZinfo, zinfo_of
 
 __all__ = [
     "DEFAULT_SPAN_SIZE",
+    "MAX_SPAN_SIZE",
     "BuildResult",
     "Compression",
     "FileBlob",

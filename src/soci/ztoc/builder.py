@@ -26,7 +26,7 @@ from soci._native.zran import GzipIndexer
 from soci.errors import LayerFormatError
 from soci.ztoc.model import DEFAULT_SPAN_SIZE, ZTOC_VERSION, Compression, Ztoc
 from soci.ztoc.tarmeta import TocDecoder
-from soci.ztoc.zinfo import TarZinfo
+from soci.ztoc.zinfo import MAX_SPAN_SIZE, TarZinfo
 
 CHUNK_SIZE = 1 << 20
 _QUEUE_DEPTH = 16
@@ -182,8 +182,9 @@ def build_ztoc(
     ``progress`` is called with the number of compressed bytes consumed so far.
     Raises ``LayerFormatError`` for anything that is not a complete, valid layer.
     """
-    if span_size <= 0:
-        raise ValueError("span size must be positive")
+    if not 0 < span_size <= MAX_SPAN_SIZE:
+        # A larger span could not be served: readers refuse spans past MAX_SPAN_BYTES.
+        raise ValueError(f"span size must be between 1 and {MAX_SPAN_SIZE} bytes")
     first = _read_full(source, CHUNK_SIZE)
     compression = detect_compression(first)
     scanner = TarScanner()

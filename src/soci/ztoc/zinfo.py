@@ -32,6 +32,8 @@ MAX_SPAN_BYTES = 64 << 20
 #: 32767 matches of 258 bytes (8,454,144 bytes) from zlib, GNU gzip and Go's encoders,
 #: even for zeros. Twice that leaves room for other encoders.
 SPAN_SLACK = 16 << 20
+#: The largest span size a zTOC may be built with: its spans must still pass the cap above.
+MAX_SPAN_SIZE = MAX_SPAN_BYTES - SPAN_SLACK
 
 
 class Zinfo(Protocol):
