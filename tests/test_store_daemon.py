@@ -247,3 +247,12 @@ def test_loose_root_is_tightened_and_foreign_root_refused(image: dict, open_dir:
         assert not is_mounted(open_dir / "mnt")
     finally:
         os.chown(root, 0, 0)
+
+
+def test_systemd_unit_restarts_and_keeps_the_root_private() -> None:
+    unit = (Path(__file__).parent.parent / "packaging" / "soci-store.service").read_text()
+    settings = [line.strip() for line in unit.splitlines() if not line.startswith("#")]
+    assert "UMask=0077" in settings
+    assert "Restart=on-failure" in settings
+    # `mkdir -p` fails on the dead mount a crash leaves: the daemon makes the mount point
+    assert not [line for line in settings if line.startswith("ExecStartPre=") and "mkdir" in line]
