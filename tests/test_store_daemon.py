@@ -174,7 +174,7 @@ def test_idle_metrics_connections_hold_no_threads(image: dict, tmp_path: Path) -
         host, port = daemon.metrics_address.rsplit(":", 1)
         idle = []
         try:
-            for _ in range(100):
+            for _ in range(200):  # more than the server keeps open at once
                 conn = socket.create_connection((host, int(port)), timeout=30)
                 idle.append(conn)
                 conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
@@ -183,7 +183,7 @@ def test_idle_metrics_connections_hold_no_threads(image: dict, tmp_path: Path) -
                 assert b"soci_fuse_operations_total" in resp.read()
             held = len(list(tasks.iterdir()))
             assert held <= before + 4, (before, held)
-            # an idle connection is cut off by the server, not kept forever
+            # an idle connection is cut off by the server (evicted or timed out), not kept
             with contextlib.suppress(ConnectionResetError):
                 assert idle[0].recv(4096) == b""
         finally:

@@ -147,7 +147,7 @@ def status(manager: LayerManager, mountpoint: str) -> dict[str, Any]:
 
 #: Seconds one connection may take from accept to the last byte of the answer.
 CONNECTION_TIMEOUT = 10.0
-#: Connections open at once; more are closed at once (each costs a socket, not a thread).
+#: Connections open at once (each costs a socket, not a thread); see MetricsServer.
 MAX_CONNECTIONS = 128
 #: A request head longer than this is refused (we serve two GETs without bodies).
 _MAX_HEAD = 16 << 10
@@ -161,7 +161,8 @@ class MetricsServer:
     Every connection, however slow or idle, costs a socket and a coroutine, never a
     thread; each one gets :data:`CONNECTION_TIMEOUT` seconds in all (a peer trickling a
     header byte at a time is cut off too) and at most :data:`MAX_CONNECTIONS` are open at
-    once, so peers can neither pile up threads nor keep a scrape from being answered.
+    once: at the cap a newcomer evicts the oldest connection still sending its request, so
+    idle peers can neither pile up threads nor lock a scrape out.
     """
 
     def __init__(self, sock: socket.socket, metrics: Metrics, manager: LayerManager,
@@ -169,7 +170,8 @@ class MetricsServer:
         self.sock = sock
         self.server_address: tuple[str, int] = sock.getsockname()[:2]
         self.metrics, self.manager, self.mountpoint = metrics, manager, mountpoint
-        self._writers: set[asyncio.StreamWriter] = set()
+        #: open connections, oldest first -> still reading the request head
+        self._conns: dict[asyncio.StreamWriter, bool] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
@@ -205,20 +207,25 @@ class MetricsServer:
             await self._stop.wait()
         finally:
             server.close()
-            for writer in list(self._writers):
+            for writer in list(self._conns):
                 writer.transport.abort()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._writers) >= MAX_CONNECTIONS:
-            writer.transport.abort()
-            return
-        self._writers.add(writer)
+        if len(self._conns) >= MAX_CONNECTIONS:
+            idle = next((w for w, reading in self._conns.items() if reading), None)
+            if idle is None:  # all of them are being answered: refuse the newcomer
+                writer.transport.abort()
+                return
+            del self._conns[idle]
+            idle.transport.abort()
+        self._conns[writer] = True
         try:
             async with asyncio.timeout(CONNECTION_TIMEOUT):
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
                     head = b""
+                self._conns[writer] = False
                 code, kind, body = self._answer(head)
                 writer.write(f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n"
                              f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -227,7 +234,7 @@ class MetricsServer:
         except (TimeoutError, asyncio.IncompleteReadError, OSError):
             pass  # idle, half-sent or gone: nothing to answer
         finally:
-            self._writers.discard(writer)
+            self._conns.pop(writer, None)
             writer.transport.abort()
 
     def _answer(self, head: bytes) -> tuple[int, str, bytes]:
