@@ -106,7 +106,7 @@ class CredentialsServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        self.thread.join(timeout=_REQUEST_TIMEOUT + 1)
+        self.thread.join(timeout=1)  # a request in progress ends by its own deadline
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
