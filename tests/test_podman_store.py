@@ -127,12 +127,21 @@ def test_store_killed_while_a_container_runs(world: dict) -> None:
     ref = f"{world['host']}/app:v1"
     soci(root, "create", ref)
     mnt = world["tmp"] / "mnt-kill"
-    first = StoreDaemon(root, mnt).start()
-    with Podman(world["tmp"] / "podman-kill", additional_layer_store=str(mnt),
-                insecure_registries=[world["host"]]) as podman:
+    with StoreDaemon(root, mnt) as first, Podman(
+        world["tmp"] / "podman-kill", additional_layer_store=str(mnt),
+        insecure_registries=[world["host"]],
+    ) as podman:
         podman.pull(ref)
         podman.command("run", "-d", "--name", "long", "--network=none", "--tls-verify=false",
-                       ref, "sh", "-c", "cat /opt/data/blob1.bin > /dev/null; sleep 300")
+                       ref, "sh", "-c", "cat /opt/data/blob1.bin > /dev/null && echo read-done; "
+                       "sleep 300")
+        # `run -d` returns once the container started, not once it has read blob1: wait for
+        # the read to finish, or the kill below races it (and blob1's spans are fetched
+        # again after the restart).
+        deadline = time.monotonic() + 120
+        while b"read-done" not in podman.command("logs", "long").stdout:
+            assert time.monotonic() < deadline, first.logs()[-2000:]
+            time.sleep(0.2)
         podman.command("exec", "long", "cat", "/opt/data/motd")
         first.stop(signal.SIGKILL)
         spans_before = set((root / "cache" / "spans").iterdir())

@@ -214,24 +214,24 @@ def test_restart_after_sigkill_reuses_the_disk_cache(env: dict, tmp_path: Path) 
         ref = f"{proxy.host}/rich:v1"
         root = tmp_path / "root"
         soci(root, "create", "--span-size", "1048576", ref)
-        first = StoreDaemon(root, tmp_path / "mnt").start()
-        diff = first.layer_dir(ref, env["layer"]["digest"]) / "diff"
-        for name, data in BIG.items():
-            assert (diff / name).read_bytes() == data
-        first.stop(signal.SIGKILL)
-        assert is_mounted(tmp_path / "mnt")  # left stale by the crash
-        # A torn write in the cache (the crash could have caused one) must never be served.
-        victim = sorted((root / "cache" / "spans").iterdir())[0]
-        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-        with pytest.raises(OSError):
-            os.listdir(tmp_path / "mnt")
-        before = len(proxy.counters.seen)
-        with StoreDaemon(root, tmp_path / "mnt") as second:
-            diff = second.layer_dir(ref, env["layer"]["digest"]) / "diff"
+        with StoreDaemon(root, tmp_path / "mnt") as first:
+            diff = first.layer_dir(ref, env["layer"]["digest"]) / "diff"
             for name, data in BIG.items():
                 assert (diff / name).read_bytes() == data
-            assert "stale mount" in second.logs()
-            assert "failed verification; dropped" in second.logs()
+            first.stop(signal.SIGKILL)
+            assert is_mounted(tmp_path / "mnt")  # left stale by the crash
+            # A torn write in the cache (the crash could have caused one) is never served.
+            victim = sorted((root / "cache" / "spans").iterdir())[0]
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+            with pytest.raises(OSError):
+                os.listdir(tmp_path / "mnt")
+            before = len(proxy.counters.seen)
+            with StoreDaemon(root, tmp_path / "mnt") as second:
+                diff = second.layer_dir(ref, env["layer"]["digest"]) / "diff"
+                for name, data in BIG.items():
+                    assert (diff / name).read_bytes() == data
+                assert "stale mount" in second.logs()
+                assert "failed verification; dropped" in second.logs()
         layer_gets = [s for s in proxy.counters.seen[before:]
                       if env["layer"]["digest"] in s and s.startswith("GET")]
         assert len(layer_gets) == 1  # only the torn span was fetched again
@@ -348,8 +348,10 @@ def test_systemd_readiness_notification(env: dict, tmp_path: Path) -> None:
     listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     listener.bind(path)
     listener.settimeout(20)
-    daemon = StoreDaemon(env["root"], tmp_path / "mnt",
-                         env={**os.environ, "NOTIFY_SOCKET": path})
+    # A root of its own: the module's store holds env["root"] (one daemon per root).
+    root = tmp_path / "root"
+    soci(root, "create", "--span-size", "1048576", env["ref"])
+    daemon = StoreDaemon(root, tmp_path / "mnt", env={**os.environ, "NOTIFY_SOCKET": path})
     with daemon, listener:
         message = listener.recv(4096).decode()
         assert message.startswith("READY=1")

@@ -8,6 +8,30 @@ import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
+#: What ``soci`` and ``soci-store`` run with: nothing they create is readable by others.
+PRIVATE_UMASK = 0o077
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be swapped, and a
+    swap races with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(PRIVATE_UMASK)  # no /proc: swap twice (briefly the stricter mask)
+    os.umask(mask)
+    return mask
+
+
+def masked(mode: int) -> int:
+    """``mode`` as ``open``/``mkdir`` would apply it: an explicit chmod must not undo the
+    umask (a 0644 request under umask 077 gives 0600)."""
+    return mode & ~current_umask()
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
@@ -16,6 +40,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
 
     Readers see either the old file or the complete new one; an exception
     inside the block removes the temporary file and leaves ``path`` untouched.
+    ``mode`` is filtered through the umask, as a plain ``open`` would do.
     ``durable=False`` skips the fsync, for caches that verify what they read.
     """
     target = os.fspath(path)
@@ -27,7 +52,7 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, masked(mode))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

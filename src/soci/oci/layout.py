@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from soci.errors import DigestMismatchError, NotFoundError
-from soci.fsutil import atomic_writer
+from soci.fsutil import atomic_writer, masked
 from soci.oci import gojson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, check_digest
@@ -91,7 +91,7 @@ class OciLayout:
             actual = "sha256:" + h.hexdigest()
             if actual != digest or (size is not None and seen != size):
                 raise DigestMismatchError(f"blob {digest}: got {seen} bytes hashing to {actual}")
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, masked(0o644))
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -1,15 +1,19 @@
 """``soci-store MOUNTPOINT``: mount the store, serve until SIGINT/SIGTERM, unmount cleanly.
 
-At start a stale mount left by a crash (a FUSE mount whose daemon is gone) is
-detached first. Logs are structured (``key=value`` or JSON lines); the
+At start the root is locked (one daemon per root) and made private, and a stale
+mount left by a crash (a FUSE mount whose daemon is gone) is detached; a live one
+is refused. Files are created with umask 077. Logs are structured (``key=value`` or JSON lines); the
 background fetcher fills the rest of each layer after it has been quiet.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,8 +27,10 @@ import trio
 
 from soci import __version__
 from soci.artifacts import LocalStore
+from soci.artifacts.store import RootLock, secure_root
 from soci.errors import SociError
 from soci.fs.cache import DiskCache, MemoryCache
+from soci.fsutil import PRIVATE_UMASK
 from soci.registry import CredentialStore, RegistryClient
 from soci.store.config import StoreConfig, load_store_config
 from soci.store.credentials import serve_credentials
@@ -70,17 +76,97 @@ def sd_notify(state: str) -> None:
         log.warning("sd_notify %s failed: %s", state, e)
 
 
+#: Seconds a mounted filesystem gets to answer statfs before we call it hung.
+PROBE_TIMEOUT = 5.0
+
+
+def _unescape(field: str) -> str:
+    """/proc/self/mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_at(path: str) -> str | None:
+    """The filesystem type mounted exactly at ``path`` (the latest mount), or ``None``."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 5 or " - " not in line:
+                continue
+            if _unescape(fields[4]) == path:
+                found = line.split(" - ", 1)[1].split()[0]
+    return found
+
+
+def _target(mountpoint: str) -> str:
+    """The absolute path the kernel mounts ``mountpoint`` on, found without looking at a
+    mount there: stat'ing a dead FUSE mount fails (ENOTCONN) and a hung one blocks, so only
+    parents are resolved, and a symlink (never a mount point) is followed by hand."""
+    path = os.path.abspath(mountpoint)
+    for _ in range(40):  # the kernel's own limit on nested links
+        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+        if mount_at(path) is not None:
+            return path
+        try:
+            link = os.readlink(path)
+        except OSError:
+            return path  # not a symlink, or missing (made next)
+        path = os.path.join(os.path.dirname(path), link)
+    return path
+
+
+def probe_mount(path: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """``"stale"`` (a FUSE mount whose daemon is gone), ``"live"`` (it answers) or ``"hung"``.
+
+    statfs always goes to the filesystem (stat may be answered from the kernel's attribute
+    cache even on a dead FUSE mount); it runs on a thread so a hung daemon cannot hang us.
+    """
+    result: list[BaseException | None] = []
+
+    def statfs() -> None:
+        try:
+            os.statvfs(path)
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=statfs, name="soci-mount-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        return "hung"
+    error = result[0]
+    if isinstance(error, OSError) and error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+        return "stale"
+    return "live"
+
+
 def cleanup_stale_mount(mountpoint: str) -> None:
-    """Detach whatever is mounted at ``mountpoint`` (a crashed daemon leaves ENOTCONN)."""
-    target = os.path.realpath(mountpoint)
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1] == target for line in f if len(line.split()) > 1)
-    if not mounted:
+    """Detach a dead mount at ``mountpoint`` (a crashed daemon leaves one: ENOTCONN).
+
+    A mount that answers is someone's live filesystem (another soci-store, most likely):
+    it is refused, never unmounted. So is one that does not answer in time: it may be a
+    stopped daemon that would come back.
+    """
+    target = _target(mountpoint)
+    fstype = mount_at(target)
+    if fstype is None:
         try:
             os.stat(target)
             return
-        except OSError:
-            pass  # ENOTCONN: a dead FUSE mount not listed by path
+        except OSError as e:
+            if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                return  # missing (created next) or not ours to judge: mounting will tell
+        state = "stale"  # a dead FUSE mount not listed under this path
+    else:
+        state = probe_mount(target)
+    if state == "live":
+        raise SociError(f"{target} is already mounted ({fstype}) and answering: another "
+                        "soci-store serving it? stop that one first")
+    if state == "hung":
+        raise SociError(f"{target} is mounted ({fstype}) but does not answer within "
+                        f"{PROBE_TIMEOUT:g} s (a stopped or hung soci-store?); stop its "
+                        f"daemon or unmount it with 'fusermount3 -u -z {target}'")
     log.warning("cleaning up a stale mount at %s", target)
     for command in (["fusermount3", "-u", "-z", target], ["umount", "-l", target]):
         try:
@@ -122,67 +208,69 @@ class BackgroundFetcher(threading.Thread):
 
 def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
           metrics_address: str | None = None, credentials_socket: str | None = None) -> None:
-    os.makedirs(mountpoint, exist_ok=True)
-    cleanup_stale_mount(mountpoint)
-    store = LocalStore(config.root)
-    keychain = CredentialStore()
-    client = RegistryClient(plain_http=config.plain_http, retries=config.max_retries,
-                            timeout=config.fetching_timeout_sec, credentials=keychain,
-                            backoff=config.min_wait_msec / 1000,
-                            max_backoff=config.max_wait_msec / 1000)
-    socket_path = credentials_socket or os.path.join(config.root, "credentials.sock")
-    credentials_server = serve_credentials(socket_path, keychain)
-    memory = MemoryCache(config.memory_bytes)
-    disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
-    metrics = Metrics()
-    manager = LayerManager(store, client, memory, disk, metrics=metrics)
-    fs = StoreFS(manager, config, metrics)
-    options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
-    if debug_fuse:
-        options.add("debug")
-    pyfuse3.init(fs, mountpoint, options)
-    fetcher = None
-    if not config.background_fetch.disable:
-        fetcher = BackgroundFetcher(manager, config)
-        fetcher.start()
-    http_server = None
-    if metrics_address:
-        http_server = serve_http(metrics_address, metrics, manager, os.path.abspath(mountpoint))
-    log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
-    sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
+    """Mount and serve until SIGINT/SIGTERM; whatever was set up is torn down on the way out,
+    also when a later step of the start fails."""
+    with contextlib.ExitStack() as stack:
+        # One daemon per root: the lock comes first, so a second daemon touches nothing.
+        secure_root(config.root)
+        stack.enter_context(RootLock(config.root))
+        cleanup_stale_mount(mountpoint)
+        os.makedirs(mountpoint, exist_ok=True)
+        store = stack.enter_context(LocalStore(config.root))
+        keychain = CredentialStore()
+        client = RegistryClient(plain_http=config.plain_http, retries=config.max_retries,
+                                timeout=config.fetching_timeout_sec, credentials=keychain,
+                                backoff=config.min_wait_msec / 1000,
+                                max_backoff=config.max_wait_msec / 1000)
+        socket_path = credentials_socket or os.path.join(config.root, "credentials.sock")
+        stack.callback(serve_credentials(socket_path, keychain).close)
+        memory = MemoryCache(config.memory_bytes)
+        disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
+        metrics = Metrics()
+        manager = LayerManager(store, client, memory, disk, metrics=metrics)
+        fs = StoreFS(manager, config, metrics)
+        options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
+        if debug_fuse:
+            options.add("debug")
+        pyfuse3.init(fs, mountpoint, options)
+        stack.callback(pyfuse3.close, unmount=True)
+        if not config.background_fetch.disable:
+            fetcher = BackgroundFetcher(manager, config)
+            fetcher.start()
+            stack.callback(fetcher.stopped.set)
+        if metrics_address:
+            http_server = serve_http(metrics_address, metrics, manager,
+                                     os.path.abspath(mountpoint))
+            if http_server is not None:
+                stack.callback(http_server.shutdown)
+        log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
+        sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
+        stack.callback(sd_notify, "STOPPING=1")
 
-    async def release_idle_layers() -> None:
-        while True:
-            await trio.sleep(max(config.release_grace_sec / 4, 0.25))
-            fs.release_idle(config.release_grace_sec)
+        async def release_idle_layers() -> None:
+            while True:
+                await trio.sleep(max(config.release_grace_sec / 4, 0.25))
+                fs.release_idle(config.release_grace_sec)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pyfuse3.main)
-            nursery.start_soon(release_idle_layers)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("signal %d: unmounting", signum)
-                    nursery.cancel_scope.cancel()
-                    return
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pyfuse3.main)
+                nursery.start_soon(release_idle_layers)
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting", signum)
+                        nursery.cancel_scope.cancel()
+                        return
 
-    try:
         trio.run(main)
-    finally:
-        sd_notify("STOPPING=1")
-        if fetcher is not None:
-            fetcher.stopped.set()
-        if http_server is not None:
-            http_server.shutdown()
-        credentials_server.close()
-        pyfuse3.close(unmount=True)
-        store.close()
-        log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
+    log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="soci-store")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+# A plain string: click.Path would stat the mount point, which blocks on a hung FUSE mount
+# before we could probe it with a timeout.
+@click.argument("mountpoint", type=str)
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="The local store [default: /var/lib/soci-snapshotter-grpc].")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -216,4 +304,7 @@ def cli(mountpoint: str, root: str | None, config_path: str | None, log_level: s
 
 
 def main() -> None:
+    # Process configuration, set by the program rather than the library: nothing the store
+    # writes (decompressed spans of images, zTOCs, its database) is for other users.
+    os.umask(PRIVATE_UMASK)
     cli(prog_name="soci-store")

@@ -9,9 +9,11 @@ from the live objects when scraped, so nothing is counted twice.
 
 from __future__ import annotations
 
-import http.server
+import asyncio
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from bisect import bisect_left
@@ -147,36 +149,130 @@ def status(manager: LayerManager, mountpoint: str) -> dict[str, Any]:
     }
 
 
-def serve_http(address: str, metrics: Metrics, manager: LayerManager,
-               mountpoint: str) -> http.server.ThreadingHTTPServer | None:
-    host, _, port = address.rpartition(":")
+#: Seconds one connection may take from accept to the last byte of the answer.
+CONNECTION_TIMEOUT = 10.0
+#: Connections open at once (each costs a socket, not a thread); see MetricsServer.
+MAX_CONNECTIONS = 128
+#: A request head longer than this is refused (we serve two GETs without bodies).
+_MAX_HEAD = 16 << 10
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error"}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                body = metrics.render(manager).encode()
-                kind = "text/plain; version=0.0.4"
-            elif self.path == "/status":
-                body = json.dumps(status(manager, mountpoint)).encode()
-                kind = "application/json"
-            else:
-                self.send_error(404)
+
+class MetricsServer:
+    """A tiny HTTP/1.1 server for /metrics and /status on one thread (an asyncio loop).
+
+    Every connection, however slow or idle, costs a socket and a coroutine, never a
+    thread; each one gets :data:`CONNECTION_TIMEOUT` seconds in all (a peer trickling a
+    header byte at a time is cut off too) and at most :data:`MAX_CONNECTIONS` are open at
+    once: at the cap a newcomer evicts the oldest connection still sending its request, so
+    idle peers can neither pile up threads nor lock a scrape out.
+    """
+
+    def __init__(self, sock: socket.socket, metrics: Metrics, manager: LayerManager,
+                 mountpoint: str) -> None:
+        self.sock = sock
+        self.server_address: tuple[str, int] = sock.getsockname()[:2]
+        self.metrics, self.manager, self.mountpoint = metrics, manager, mountpoint
+        #: open connections, oldest first -> still reading the request head
+        self._conns: dict[asyncio.StreamWriter, bool] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soci-metrics", daemon=True)
+
+    def start(self) -> MetricsServer:
+        self.thread.start()
+        self._ready.wait()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop serving, drop open connections and wait for the thread."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception:
+            log.exception("metrics server failed; metrics and status are off")
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._client, sock=self.sock, limit=_MAX_HEAD)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            for writer in list(self._conns):
+                writer.transport.abort()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            idle = next((w for w, reading in self._conns.items() if reading), None)
+            if idle is None:  # all of them are being answered: refuse the newcomer
+                writer.transport.abort()
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            del self._conns[idle]
+            idle.transport.abort()
+        self._conns[writer] = True
+        try:
+            async with asyncio.timeout(CONNECTION_TIMEOUT):
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    head = b""
+                self._conns[writer] = False
+                code, kind, body = self._answer(head)
+                writer.write(f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {kind}\r\n"
+                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                             .encode() + body)
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, OSError):
+            pass  # idle, half-sent or gone: nothing to answer
+        finally:
+            self._conns.pop(writer, None)
+            writer.transport.abort()
 
-        def log_message(self, *args: object) -> None:
-            pass
+    def _answer(self, head: bytes) -> tuple[int, str, bytes]:
+        words = head.split(b"\r\n", 1)[0].split()
+        if len(words) != 3 or not words[2].startswith(b"HTTP/"):
+            return 400, "text/plain", b"bad request\n"
+        if words[0] != b"GET":
+            return 405, "text/plain", b"only GET\n"
+        path = words[1].split(b"?", 1)[0]
+        try:
+            if path == b"/metrics":
+                return (200, "text/plain; version=0.0.4",
+                        self.metrics.render(self.manager).encode())
+            if path == b"/status":
+                return (200, "application/json",
+                        json.dumps(status(self.manager, self.mountpoint)).encode())
+        except Exception:
+            log.exception("metrics: answering %s failed", path.decode(errors="replace"))
+            return 500, "text/plain", b"internal error\n"
+        return 404, "text/plain", b"not found\n"
 
+
+def serve_http(address: str, metrics: Metrics, manager: LayerManager,
+               mountpoint: str) -> MetricsServer | None:
+    """Serve /metrics and /status on ``host:port``; ``None`` (and a warning) when we cannot
+    listen there: the store serves layers without its metrics rather than not at all."""
+    host, _, port = address.rpartition(":")
     try:
-        server = http.server.ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
-    except (OSError, ValueError) as e:
+        sock = socket.create_server((host.strip("[]") or "127.0.0.1", int(port)),
+                                    family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=64)
+    except (OSError, ValueError, OverflowError) as e:
         log.warning("metrics: cannot listen on %s (%s); metrics and status are off", address, e)
         return None
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="soci-metrics", daemon=True).start()
-    log.info("metrics and status on http://%s:%d/", *server.server_address[:2])
+    server = MetricsServer(sock, metrics, manager, mountpoint).start()
+    log.info("metrics and status on http://%s:%d/", *server.server_address)
     return server
