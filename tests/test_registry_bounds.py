@@ -4,7 +4,7 @@ what the caller honestly expects, and credentials never follow a redirect to pla
 The servers here are real HTTP(S) servers on loopback (``http.server``) that misbehave on
 purpose: a 600 MB body where the descriptor says 2 bytes (streamed from a generator, never
 allocated), a ``200`` with the whole blob for a 4 KiB range, an HTTPS answer redirecting
-to plain HTTP. Memory is measured as the peak RSS (``ru_maxrss``) of a client subprocess.
+to plain HTTP. Memory is measured as the peak RSS (VmHWM) of a client subprocess.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def host_of(server: _Server) -> str:
 # -- memory: a client subprocess and its peak RSS --------------------------------------
 
 _CLIENT = r"""
-import hashlib, json, resource, sys
+import hashlib, json, sys
 from soci.image.names import ImageName
 from soci.image.resolve import resolve_image
 from soci.image.sources import RegistrySource
@@ -191,7 +191,11 @@ try:
         client.get_manifest(ref.with_tag(args[0]))
 except Exception as e:
     out["error"] = f"{type(e).__name__}: {e}"
-out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would count the test
+# runner's memory at fork time; the high-water mark starts afresh with the new image.
+with open("/proc/self/status") as status:
+    hwm = next(line for line in status if line.startswith("VmHWM:"))
+out["maxrss_mib"] = int(hwm.split()[1]) / 1024
 print(json.dumps(out))
 """
 

@@ -33,6 +33,27 @@ def masked(mode: int) -> int:
     return mode & ~current_umask()
 
 
+#: Modes of what is written under the store root: it holds image contents (zTOCs, spans).
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def make_dirs(path: str | os.PathLike[str], mode: int = 0o777) -> None:
+    """``mkdir -p`` where every directory created gets ``mode`` (``os.makedirs`` gives it to
+    the last one only), so a private tree has no readable level in between."""
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, mode)
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
                   durable: bool = True) -> Iterator[BinaryIO]:

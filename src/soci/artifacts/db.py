@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from soci.fsutil import PRIVATE_DIR, PRIVATE_FILE, make_dirs
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS indexes (
     digest          TEXT PRIMARY KEY,
@@ -103,7 +105,9 @@ class ArtifactsDb:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        make_dirs(os.path.dirname(os.path.abspath(self.path)), PRIVATE_DIR)
+        # Made private before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE))
         self._pool_lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._closed = False

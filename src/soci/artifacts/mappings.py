@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from soci.fsutil import atomic_writer
+from soci.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_writer, make_dirs
 from soci.oci.descriptor import ManifestError, check_digest
 
 
@@ -35,8 +35,8 @@ class IndexMappings:
 
     def put(self, manifest_digest: str, index_digest: str) -> None:
         check_digest(index_digest, "index digest")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(self._path(manifest_digest)) as f:
+        make_dirs(self.directory, PRIVATE_DIR)
+        with atomic_writer(self._path(manifest_digest), PRIVATE_FILE) as f:
             f.write(index_digest.encode())
 
     def remove(self, manifest_digest: str) -> None:

@@ -110,7 +110,7 @@ class LocalStore:
     def __init__(self, root: str | os.PathLike[str] = DEFAULT_ROOT) -> None:
         self.root = Path(root)
         create_root(self.root)
-        self.content = OciLayout(self.root / "content", create=True)
+        self.content = OciLayout(self.root / "content", create=True, private=True)
         self.mappings = IndexMappings(self.root / "indexes")
         self.db = ArtifactsDb(self.root / "artifacts.sqlite3")
 

@@ -6,8 +6,6 @@ exit status; tracebacks are reserved for bugs.
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from soci import __version__
@@ -18,7 +16,6 @@ from soci.cli.index_cmds import index, rebuild_db
 from soci.cli.store_cmds import store
 from soci.cli.ztoc_cmds import ztoc
 from soci.config import load_config
-from soci.fsutil import PRIVATE_UMASK
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,7 +54,4 @@ cli.add_command(store)
 
 
 def main() -> None:
-    # Process configuration, set by the program rather than the library: the store root
-    # holds zTOCs and image content, and what soci writes elsewhere is the user's to share.
-    os.umask(PRIVATE_UMASK)
     cli(prog_name="soci")

@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from soci.fsutil import atomic_writer
+from soci.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_writer, make_dirs
 
 log = logging.getLogger("soci.cache")
 
@@ -90,7 +90,7 @@ class DiskCache:
 
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.directory, PRIVATE_DIR)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()
@@ -145,7 +145,7 @@ class DiskCache:
             if name in self._index:
                 return True
         try:
-            with atomic_writer(self.directory / name, durable=False) as f:
+            with atomic_writer(self.directory / name, PRIVATE_FILE, durable=False) as f:
                 f.write(data)
         except OSError as e:
             log.warning("disk cache: cannot store span %s: %s", digest, e)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from soci.errors import DigestMismatchError, NotFoundError
-from soci.fsutil import atomic_writer, masked
+from soci.fsutil import PRIVATE_DIR, PRIVATE_FILE, atomic_writer, make_dirs, masked
 from soci.oci import gojson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, check_digest
@@ -25,13 +25,18 @@ _COPY_CHUNK = 1 << 20
 
 
 class OciLayout:
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False,
+                 private: bool = False) -> None:
+        """``private``: files 0600 and directories 0700 (the store root's content), rather
+        than the umask's say (a layout the user writes to share)."""
         self.path = Path(path)
+        self._file_mode = PRIVATE_FILE if private else 0o644
+        self._dir_mode = PRIVATE_DIR if private else 0o777
         if create:
-            (self.path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path / "blobs" / "sha256", self._dir_mode)
             marker = self.path / "oci-layout"
             if not marker.exists():
-                with atomic_writer(marker) as f:
+                with atomic_writer(marker, self._file_mode) as f:
                     f.write(b'{"imageLayoutVersion":"1.0.0"}')
         elif not (self.path / "oci-layout").exists() and not (self.path / "index.json").exists():
             raise NotFoundError(f"{self.path}: not an OCI image layout")
@@ -66,8 +71,8 @@ class OciLayout:
             raise DigestMismatchError(f"refusing to store blob: expected {digest}, got {actual}")
         target = self.blob_path(actual)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_writer(target, 0o644) as f:
+            make_dirs(target.parent, self._dir_mode)
+            with atomic_writer(target, self._file_mode) as f:
                 f.write(data)
         return actual
 
@@ -76,7 +81,7 @@ class OciLayout:
         target = self.blob_path(digest)
         if target.exists():
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent, self._dir_mode)
         fd, tmp = tempfile.mkstemp(prefix=".ingest-", dir=target.parent)
         try:
             h = hashlib.sha256()
@@ -91,7 +96,7 @@ class OciLayout:
             actual = "sha256:" + h.hexdigest()
             if actual != digest or (size is not None and seen != size):
                 raise DigestMismatchError(f"blob {digest}: got {seen} bytes hashing to {actual}")
-            os.chmod(tmp, masked(0o644))
+            os.chmod(tmp, masked(self._file_mode))
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -122,7 +127,7 @@ class OciLayout:
         return Index.parse(data, mt.OCI_INDEX)
 
     def write_index(self, index: Index) -> None:
-        with atomic_writer(self.path / "index.json") as f:
+        with atomic_writer(self.path / "index.json", self._file_mode) as f:
             f.write(gojson.dumps(index.to_json()))
 
     def find(self, tag: str | None) -> Descriptor:
