@@ -487,9 +487,10 @@ def test_token_auth(token_setup: tuple[TokenServer, Registry], layout: Layout) -
     assert tokens.scopes[-1] == "repository:private/img:pull,push"
 
     # A token the registry rejects (revoked, expired early) is replaced after its 401.
-    with client._lock:
-        for key in client._tokens:
-            client._tokens[key] = ("not-a-valid-token", client._tokens[key][1])
+    auth = client._auth
+    with auth._lock:
+        for key in auth._tokens:
+            auth._tokens[key] = ("not-a-valid-token", auth._tokens[key][1])
     assert client.get_blob(ref, digest_of(data), size=len(data)) == data
     assert tokens.requests - before == 3
 

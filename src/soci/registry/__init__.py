@@ -1,5 +1,10 @@
 """Talking to OCI registries: references, registries.conf, credentials and the client.
 
+``client.RegistryClient`` is the facade; beneath it ``transport`` (pools, scheme, retries,
+redirects, bounded reads), ``tokens`` (challenges, bearer tokens), ``session`` (endpoints,
+authenticated requests, errors, paging) and the API modules ``manifests``, ``blobs``,
+``uploads`` and ``referrers``; ``auth`` reads credentials, ``config`` registries.conf.
+
 >>> from soci.registry import Reference, RegistryClient
 >>> ref = Reference.parse("alpine")            # docker.io/library/alpine:latest
 >>> with RegistryClient() as client:           # doctest: +SKIP

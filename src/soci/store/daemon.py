@@ -32,11 +32,11 @@ from soci.errors import SociError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_UMASK
 from soci.registry import CredentialStore, RegistryClient
+from soci.serve.layers import LayerManager
+from soci.serve.metrics import Metrics, serve_http
 from soci.store.config import StoreConfig, load_store_config
 from soci.store.credentials import serve_credentials
 from soci.store.fs import StoreFS
-from soci.store.layers import LayerManager
-from soci.store.metrics import Metrics, serve_http
 
 #: Where /metrics and /status are served unless told otherwise (soci store status reads it).
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:8091"

@@ -36,9 +36,9 @@ import trio
 from soci.errors import SociError
 from soci.fs.tree import ROOT as TREE_ROOT
 from soci.fs.tree import Node
+from soci.serve.layers import Layer, LayerManager
+from soci.serve.metrics import Metrics
 from soci.store.config import StoreConfig
-from soci.store.layers import Layer, LayerManager
-from soci.store.metrics import Metrics
 
 log = logging.getLogger("soci.store.fs")
 

@@ -1,4 +1,5 @@
-"""What soci-store exposes about itself: Prometheus metrics and a JSON status, over HTTP.
+"""What a front end (soci-store, the snapshotter) exposes about itself: Prometheus metrics
+and a JSON status, over HTTP.
 
     GET /metrics   Prometheus text format
     GET /status    JSON: every mounted layer, its image, files, spans, fetched fraction
@@ -19,10 +20,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from soci.store.layers import LayerManager
+from soci.serve.layers import LayerManager
 
 log = logging.getLogger("soci.metrics")
 

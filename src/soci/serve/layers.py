@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
 from soci.artifacts import LocalStore
 from soci.errors import RegistryError, SociError
@@ -34,11 +34,10 @@ from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Manifest, Platform
 from soci.registry import Reference, RegistryClient
-from soci.store.metrics import Metrics
 from soci.ztoc import decode
 from soci.ztoc.codec import check as check_ztoc
 
-log = logging.getLogger("soci.store")
+log = logging.getLogger("soci.store")  # the logger name operators already filter on
 
 #: Seconds a "no lazy layer here" answer or a resolved manifest is trusted.
 RECHECK_SEC = 60.0
@@ -49,6 +48,13 @@ _UNCOMPRESSED = 0
 
 #: What a mounted layer serves: (layer digest, zTOC digest, diff ID, compression, size).
 LayerKey = tuple[str, str, str, int, int]
+
+
+class ErrorCounter(Protocol):
+    """Where the core reports failed registry requests (``soci.serve.metrics.Metrics`` is
+    one); a protocol, so the core needs nothing from the front ends' metrics."""
+
+    def registry_error(self, status: int | str) -> None: ...
 
 
 class _Counted:
@@ -129,7 +135,7 @@ class Layer:
 class LayerManager:
     def __init__(self, store: LocalStore, client: RegistryClient, memory: MemoryCache,
                  disk: DiskCache | None, platform: Platform | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: ErrorCounter | None = None) -> None:
         self.store = store
         self._discoveries = DiscoveryFlights()  # podman looks up an image's layers at once
         self.metrics = metrics

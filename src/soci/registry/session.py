@@ -1,0 +1,235 @@
+"""What every part of the registry client shares: a :class:`Session` binds a reference to
+the endpoint (mirror or primary) serving it, sends API requests with authentication over
+the transport, turns unexpected answers into one-line errors and follows paginated
+listings. The API modules (:mod:`~soci.registry.manifests`, :mod:`~soci.registry.blobs`,
+:mod:`~soci.registry.uploads`, :mod:`~soci.registry.referrers`) are functions over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from soci.errors import DigestMismatchError, NotFoundError, RegistryError
+from soci.registry.config import RegistriesConf
+from soci.registry.reference import Reference
+from soci.registry.tokens import Authenticator
+from soci.registry.transport import (
+    MAX_ERROR_BODY,
+    Response,
+    Target,
+    Transport,
+    describe,
+    may_carry_credentials,
+)
+
+_MAX_PAGES = 10_000
+
+#: Answers meaning "this registry has no referrers API" (see the OCI distribution spec).
+_NO_REFERRERS_API = frozenset({400, 404, 405, 406, 501})
+_T = TypeVar("_T")
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    """``algorithm:hex`` of ``data``."""
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def too_large(target: Target, what: str, size: int) -> DigestMismatchError:
+    return DigestMismatchError(
+        f"{target.label}: {what} is larger than its descriptor says ({size} bytes)"
+    )
+
+
+class Session:
+    """One client's transport, authentication, registries.conf and the facts learnt about
+    registries; thread-safe."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        auth: Authenticator,
+        registries_conf: RegistriesConf | str | os.PathLike[str] | None,
+        chunk_size: int,
+    ) -> None:
+        self.transport = transport
+        self.auth = auth
+        self.chunk_size = chunk_size
+        self._conf_source = registries_conf
+        self._conf: RegistriesConf | None = (
+            registries_conf if isinstance(registries_conf, RegistriesConf) else None
+        )
+        self._lock = threading.Lock()
+        # (host, repository) pairs whose registry answered as one without a referrers API.
+        self._no_referrers_api: set[tuple[str, str]] = set()
+
+    @property
+    def registries_conf(self) -> RegistriesConf:
+        """The registries.conf in force (read on first use when not given)."""
+        with self._lock:
+            if self._conf is None:
+                source = self._conf_source
+                if not isinstance(source, str | os.PathLike):
+                    source = None
+                self._conf = RegistriesConf.load(source)
+            return self._conf
+
+    def lacks_referrers_api(self, target: Target) -> bool:
+        """Whether the target's registry was found to have no referrers API."""
+        with self._lock:
+            return (target.host, target.repository) in self._no_referrers_api
+
+    def note_no_referrers_api(self, target: Target) -> None:
+        with self._lock:
+            self._no_referrers_api.add((target.host, target.repository))
+
+    def read_target(self, ref: Reference) -> Target:
+        return Target(ref, self.registries_conf.endpoints(ref)[-1])
+
+    def push_target(self, ref: Reference) -> Target:
+        return Target(ref, self.registries_conf.endpoints(ref, for_push=True)[-1])
+
+    def on_endpoints(self, ref: Reference, action: Callable[[Target], _T]) -> _T:
+        """Run ``action`` on each mirror in turn, then on the primary location; mirror
+        failures fall through to the next endpoint."""
+        endpoints = self.registries_conf.endpoints(ref)
+        for endpoint in endpoints[:-1]:
+            try:
+                return action(Target(ref, endpoint))
+            except (RegistryError, NotFoundError, DigestMismatchError):
+                continue
+        return action(Target(ref, endpoints[-1]))
+
+    def request(
+        self,
+        method: str,
+        target: Target,
+        path_or_url: str,
+        *,
+        push: bool = False,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+        idempotent: bool = True,
+        read_body: bool = True,
+        limit: int = MAX_ERROR_BODY,
+        range_start: int | None = None,
+    ) -> Response:
+        """Send one API request with authentication, redirects and retries.
+
+        Returns the response for any status the caller should judge (2xx, 404, ...);
+        raises for 401/403 (:class:`AuthError`) and for transient failures that outlived
+        the retries. With ``read_body`` a 2xx body is read inside the retry loop (so a
+        connection dropped mid-body is retried too), at most ``limit`` bytes of it
+        (``resp.oversize`` if larger; nothing beyond ``limit + 1`` is read); an error
+        body is read on demand, 64 KiB at most (``resp.data``). ``range_start``: the
+        request asks for a range from there; a ``200`` (Range ignored) then yields just
+        ``limit`` bytes from that offset.
+        """
+        base = self.transport.base_url(target)
+        url = urllib.parse.urljoin(base + "/", path_or_url)
+        same_host = may_carry_credentials(base, url)
+        auth_retried = False
+        # At most: the first try, and one more after learning or renewing credentials.
+        for _ in range(2):
+            request_headers = {"User-Agent": self.transport.user_agent, **(headers or {})}
+            if same_host:
+                authorization = self.auth.authorization(target, push)
+                if authorization is not None:
+                    request_headers["Authorization"] = authorization
+            resp = self.transport.send_retrying(
+                method,
+                url,
+                headers=request_headers,
+                body=body,
+                idempotent=idempotent,
+                insecure=target.endpoint.insecure,
+                read_body=read_body,
+                limit=limit,
+                range_start=range_start,
+                label=target.label,
+            )
+            if resp.status == 401 and not auth_retried and same_host:
+                resp.discard()
+                auth_retried = True
+                self.auth.learn_challenge(resp, target, push)
+                continue
+            if resp.status in (401, 403):
+                raise self.auth.auth_error(resp, target, push)
+            return resp
+        raise self.auth.auth_error(resp, target, push)
+
+    def error(self, resp: Response, target: Target, what: str) -> Exception:
+        """The exception for an unexpected answer: NotFoundError for 404s, else RegistryError."""
+        description, code = describe(resp.status, resp.data)
+        message = f"{target.label}: {what}: {description}"
+        if resp.status == 404:
+            return NotFoundError(message)
+        if code == "DIGEST_INVALID":
+            return DigestMismatchError(message)
+        return RegistryError(message, status=resp.status, code=code)
+
+    def location(self, resp: Response, target: Target, what: str) -> str:
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryError(f"{target.label}: {what}: registry sent no upload Location")
+        return urllib.parse.urljoin(self.transport.base_url(target) + "/", location)
+
+    def pages(
+        self,
+        target: Target,
+        path: str,
+        what: str,
+        *,
+        limit: int,
+        accept: str = "application/json",
+    ) -> list[dict[str, Any]]:
+        """GET a JSON listing and every page its ``Link: <...>; rel="next"`` headers name
+        (each page at most ``limit`` bytes)."""
+        pages: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        url: str | None = path
+        for _ in range(_MAX_PAGES):
+            if url is None or url in seen:
+                break
+            seen.add(url)
+            resp = self.request("GET", target, url, headers={"Accept": accept}, limit=limit)
+            if what == "referrers" and resp.status in _NO_REFERRERS_API:
+                raise NoReferrersApi
+            if resp.status != 200:
+                raise self.error(resp, target, what)
+            if resp.oversize:
+                raise RegistryError(f"{target.label}: {what} page larger than {limit} bytes")
+            try:
+                page = json.loads(resp.data)
+                if not isinstance(page, dict):
+                    raise ValueError
+            except ValueError:
+                if what == "referrers":
+                    raise NoReferrersApi from None
+                raise RegistryError(f"{target.label}: {what} is not a JSON object") from None
+            if what == "referrers" and not isinstance(page.get("manifests", []), list):
+                raise NoReferrersApi
+            pages.append(page)
+            url = _next_link(resp.headers.get("Link"))
+        return pages
+
+
+class NoReferrersApi(Exception):
+    """Internal signal: the registry answered the referrers API as one without it."""
+
+
+def _next_link(header: str | None) -> str | None:
+    """The target of ``rel="next"`` in a ``Link`` header."""
+    if not header:
+        return None
+    for part in header.split(","):
+        url, _, rest = part.partition(";")
+        url = url.strip()
+        if url.startswith("<") and url.endswith(">") and 'rel="next"' in rest.replace(" ", ""):
+            return url[1:-1]
+    return None

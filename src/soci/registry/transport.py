@@ -1,0 +1,405 @@
+"""HTTP for the registry client: connection pools, scheme choice, retries with backoff,
+redirects, and body reads bounded by what the caller expects.
+
+Nothing here knows the distribution API or credentials beyond the one rule that an
+``Authorization`` header never follows a redirect to another host or down to plain HTTP
+(:func:`may_carry_credentials`); :mod:`soci.registry.session` adds authentication on top.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import urllib3
+
+from soci.errors import RegistryError
+from soci.registry.config import Endpoint
+from soci.registry.reference import Reference, api_host_of
+
+_MAX_REDIRECTS = 5
+#: How much of an answer whose body is only read for its message (errors, upload replies).
+MAX_ERROR_BODY = 64 << 10
+#: Unread body left on a connection that is still worth draining to reuse it; past this
+#: the connection is closed instead.
+_MAX_DRAIN = 64 << 10
+#: Read size when skipping or draining a body (bounds the memory of a skip).
+SKIP_CHUNK = 1 << 20
+_MAX_RETRY_AFTER = 30.0
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+#: 5xx answers that say "never": retrying them only wastes time.
+_PERMANENT_5XX = frozenset({501, 505})
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(status: int, body: bytes) -> tuple[str, str | None]:
+    """``HTTP 404 MANIFEST_UNKNOWN: manifest unknown`` and the code, from an error answer."""
+    code: str | None = None
+    detail = ""
+    try:
+        errors = json.loads(body).get("errors") or []
+        first = errors[0]
+        code = str(first.get("code") or "") or None
+        detail = str(first.get("message") or "")
+    except (ValueError, AttributeError, IndexError, TypeError):
+        pass
+    text = f"HTTP {status}"
+    if code:
+        text += f" {code}"
+    if detail:
+        text += f": {detail}"
+    return one_line(text), code
+
+
+class Response:
+    """A registry answer: status and headers, the body once read, the raw stream if not.
+
+    Kept separate from urllib3's response so that how much of a body is read (and whether
+    the connection can go back to the pool) is decided in one place.
+    """
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse, body: bytes | None = None) -> None:
+        self.raw = raw
+        self.status = raw.status
+        self.headers = raw.headers
+        self.body = body
+        #: The body was larger than the reader's limit (it was not read: ``body`` is empty).
+        self.oversize = False
+
+    @property
+    def data(self) -> bytes:
+        """The body; for an unread (streaming) response, at most 64 KiB of it (errors)."""
+        if self.body is None:
+            try:
+                self.body = self.raw.read(MAX_ERROR_BODY)
+            except (urllib3.exceptions.HTTPError, OSError):
+                self.body = b""
+            self.discard()
+        return self.body
+
+    def discard(self) -> None:
+        """Give the connection back: drained if the rest is small, else closed.
+
+        Not urllib3's ``drain_conn``: that reads the whole rest into memory, however
+        large a body the server chose to send.
+        """
+        drain_or_close(self.raw)
+
+
+def drain_or_close(raw: urllib3.BaseHTTPResponse) -> None:
+    """Read off at most ``_MAX_DRAIN`` bytes so the connection can be reused, else close it."""
+    try:
+        left = _MAX_DRAIN
+        while left > 0:
+            chunk = raw.read(min(left, 16 << 10))
+            if not chunk:
+                break
+            left -= len(chunk)
+        else:
+            raw.close()
+    except (urllib3.exceptions.HTTPError, OSError):
+        raw.close()
+    raw.release_conn()
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    length = headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def read_bounded(resp: Response, limit: int) -> None:
+    """Read the body into ``resp.body``, at most ``limit`` bytes of it.
+
+    A body that says (Content-Length) or turns out to be larger is not kept: the
+    connection is closed (nothing more is read) and ``resp.oversize`` is set, for the
+    caller to refuse with its own words.
+    """
+    raw = resp.raw
+    data = bytearray()
+    declared = declared_length(resp.headers)
+    if declared is not None and declared > limit:
+        resp.oversize = True
+    else:
+        # Until EOF (a body cut short then raises, for the retry loop) or one byte too many.
+        while len(data) <= limit:
+            chunk = raw.read(min(limit + 1 - len(data), SKIP_CHUNK))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > limit:
+            data = bytearray()
+            resp.oversize = True
+    if resp.oversize:
+        raw.close()
+    raw.release_conn()
+    resp.body = bytes(data)
+
+
+def read_slice(resp: Response, skip: int, amount: int) -> None:
+    """Read bytes ``[skip, skip + amount)`` of the body into ``resp.body``, in bounded
+    reads, then close the connection rather than read (or buffer) the rest."""
+    raw = resp.raw
+    while skip > 0:
+        skipped = raw.read(min(skip, SKIP_CHUNK))
+        if not skipped:
+            break
+        skip -= len(skipped)
+    parts: list[bytes] = []
+    while amount > 0 and skip == 0:
+        part = raw.read(min(amount, SKIP_CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        amount -= len(part)
+    raw.close()
+    raw.release_conn()
+    resp.body = b"".join(parts)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A reference bound to the endpoint (primary or mirror) serving it."""
+
+    ref: Reference
+    endpoint: Endpoint
+
+    @property
+    def host(self) -> str:
+        return api_host_of(self.endpoint.registry)
+
+    @property
+    def repository(self) -> str:
+        return self.endpoint.repository
+
+    @property
+    def label(self) -> str:
+        """How errors name what was asked for."""
+        if self.endpoint.name == self.ref.name:
+            return str(self.ref)
+        return f"{self.ref} (via {self.endpoint.name})"
+
+
+class Transport:
+    """Sends requests for one client: pooled connections (one pool for verified TLS and
+    plain HTTP, one for unverified TLS), the scheme per host, retries within a budget.
+
+    Thread-safe; ``sleep`` is how it waits between retries.
+    """
+
+    def __init__(
+        self,
+        *,
+        plain_http: bool,
+        retries: int,
+        backoff: float,
+        max_backoff: float,
+        max_retry_time: float,
+        timeout: float,
+        user_agent: str,
+    ) -> None:
+        self.plain_http = plain_http
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_retry_time = max_retry_time
+        self.user_agent = user_agent
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self._pool = urllib3.PoolManager(num_pools=16, maxsize=8)
+        self._insecure_pool: urllib3.PoolManager | None = None
+        self._lock = threading.Lock()
+        self._schemes: dict[str, str] = {}
+        self.sleep: Callable[[float], None] = time.sleep
+
+    def close(self) -> None:
+        """Close pooled connections; the transport stays usable (it reconnects)."""
+        self._pool.clear()
+        if self._insecure_pool is not None:
+            self._insecure_pool.clear()
+
+    def base_url(self, target: Target) -> str:
+        """``scheme://host`` for the target (see the module docstring on scheme choice)."""
+        host = target.host
+        if self.plain_http:
+            return f"http://{host}"
+        if not target.endpoint.insecure:
+            return f"https://{host}"
+        with self._lock:
+            scheme = self._schemes.get(host)
+        if scheme is None:
+            scheme = "https"
+            try:
+                probe = self.pool_for(True).request(
+                    "GET",
+                    f"https://{host}/v2/",
+                    headers={"User-Agent": self.user_agent},
+                    retries=False,
+                    redirect=False,
+                    preload_content=False,
+                    timeout=self._timeout,
+                )
+                drain_or_close(probe)
+            except (urllib3.exceptions.HTTPError, OSError):
+                scheme = "http"
+            with self._lock:
+                self._schemes[host] = scheme
+        return f"{scheme}://{host}"
+
+    def pool_for(self, insecure: bool) -> urllib3.PoolManager:
+        if not insecure:
+            return self._pool
+        with self._lock:
+            if self._insecure_pool is None:
+                self._insecure_pool = urllib3.PoolManager(
+                    num_pools=16, maxsize=8, cert_reqs="CERT_NONE", assert_hostname=False
+                )
+                urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            return self._insecure_pool
+
+    def delay(self, attempt: int, retry_after: str | None) -> float:
+        """Seconds to wait before retry number ``attempt`` (0-based)."""
+        if retry_after is not None:
+            try:
+                return min(max(float(retry_after.strip()), 0.0), _MAX_RETRY_AFTER)
+            except ValueError:
+                pass  # an HTTP date: fall back to our own schedule
+        delay: float = min(self.backoff * (2.0**attempt), self.max_backoff)
+        return delay * (0.75 + random.random() / 4)
+
+    def send_retrying(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str],
+        body: bytes | None,
+        idempotent: bool,
+        insecure: bool,
+        read_body: bool,
+        label: str,
+        limit: int = MAX_ERROR_BODY,
+        range_start: int | None = None,
+    ) -> Response:
+        """One HTTP exchange with transport/429/5xx retries and redirects followed; the
+        body is read as :meth:`soci.registry.session.Session.request` describes."""
+        deadline = time.monotonic() + self.max_retry_time
+        host = urllib.parse.urlsplit(url).netloc
+        path = urllib.parse.urlsplit(url).path
+        for attempt in range(self.retries + 1):
+            last = attempt >= self.retries
+            try:
+                raw = self._send(method, url, headers, body, insecure)
+                resp = Response(raw)
+                if method == "HEAD":
+                    resp.body = b""
+                    drain_or_close(raw)
+                elif read_body and 200 <= raw.status < 300:
+                    if raw.status == 200 and range_start is not None:
+                        read_slice(resp, range_start, limit)
+                    else:
+                        read_bounded(resp, limit)
+                # Other answers keep their body unread: ``resp.data`` takes 64 KiB at most.
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if isinstance(e, urllib3.exceptions.SSLError):
+                    raise RegistryError(
+                        f"{label}: TLS error talking to {host}: {one_line(str(e), 160)}"
+                    ) from None
+                delay = self.delay(attempt, None)
+                if idempotent and not last and time.monotonic() + delay <= deadline:
+                    self.sleep(delay)
+                    continue
+                raise RegistryError(
+                    f"{label}: cannot reach {host} after {attempt + 1} attempt(s): "
+                    f"{one_line(_reason(e), 160)}",
+                    transient=True,
+                ) from None
+            status = resp.status
+            if status == 429 or (status >= 500 and status not in _PERMANENT_5XX):
+                # 429 means the request was refused before any effect: safe to resend.
+                delay = self.delay(attempt, resp.headers.get("Retry-After"))
+                if (
+                    (idempotent or status == 429)
+                    and not last
+                    and time.monotonic() + delay <= deadline
+                ):
+                    resp.discard()
+                    self.sleep(delay)
+                    continue
+                description, code = describe(status, resp.data)
+                raise RegistryError(
+                    f"{label}: {method} {path}: {description} (after {attempt + 1} attempt(s))",
+                    status=status,
+                    code=code,
+                    transient=True,
+                )
+            return resp
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        insecure: bool,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send with redirects followed; ``Authorization`` is dropped for good at the first
+        redirect to another host or from HTTPS to plain HTTP (see may_carry_credentials).
+        Bodies are never decoded (we ask for ``identity``): bytes are hashed as sent, and a
+        small compressed answer cannot inflate into a large one."""
+        headers = dict(headers)
+        for _ in range(_MAX_REDIRECTS + 1):
+            pool = self.pool_for(insecure and url.startswith("https:"))
+            if body is not None:
+                headers["Content-Length"] = str(len(body))
+            raw = pool.request(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+                decode_content=False,
+                timeout=self._timeout,
+            )
+            location = raw.headers.get("Location")
+            if raw.status not in _REDIRECTS or not location:
+                return raw
+            Response(raw).discard()
+            new_url = urllib.parse.urljoin(url, location)
+            if not may_carry_credentials(url, new_url):
+                headers.pop("Authorization", None)
+            if raw.status == 303:
+                method, body = "GET", None
+                headers.pop("Content-Length", None)
+            url = new_url
+        raise RegistryError(f"{url}: more than {_MAX_REDIRECTS} redirects")
+
+
+def may_carry_credentials(from_url: str, to_url: str) -> bool:
+    """Whether an ``Authorization`` meant for ``from_url`` may go to ``to_url``.
+
+    Only to the same host and port (compared case-insensitively), and never from HTTPS
+    down to plain HTTP, where anyone on the path could read it. HTTP to HTTPS is fine.
+    """
+    old, new = urllib.parse.urlsplit(from_url), urllib.parse.urlsplit(to_url)
+    if old.netloc.lower() != new.netloc.lower():
+        return False
+    return not (old.scheme.lower() == "https" and new.scheme.lower() != "https")
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost useful description of a urllib3 transport error."""
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, BaseException):
+        return _reason(reason) if getattr(reason, "reason", None) else str(reason)
+    return str(error) or type(error).__name__

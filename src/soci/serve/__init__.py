@@ -1,0 +1,10 @@
+"""Serving layers lazily: the core both front ends share (soci-store for podman, and the
+containerd snapshotter), kept apart from either so that each stays a thin adapter.
+
+``layers`` resolves (image, layer or TOC digest) to a mounted layer through the image's SOCI
+index, with its tree and span manager, and counts its users and evicts it when idle;
+``metrics`` counts what the front ends serve and renders it (Prometheus, JSON status) over
+HTTP. It sits above ``fs`` (tree, spans, caches) and ``index`` (discovery), below the front
+ends, and imports only downwards: ``metrics`` reads ``layers``, never the other way (the core
+reports registry errors through the small :class:`~soci.serve.layers.ErrorCounter` protocol).
+"""
