@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -244,3 +245,26 @@ def test_bad_input(tmp_path: Path, image) -> None:
     assert ("expected sha256" in proc.stderr or "corrupt gzip" in proc.stderr), proc.stderr
     assert soci(root, "ztoc", "ls", "-q").stdout == ""
     assert soci(root, "index", "ls", "-q").stdout == ""
+
+
+def test_rebuild_db_is_all_or_nothing(tmp_path: Path, image, monkeypatch) -> None:
+    """A rebuild that fails partway (here: the disk refusing the last write) leaves the
+    records as they were, not an emptied or half-filled database."""
+    from soci.artifacts import LocalStore
+    from soci.artifacts.rebuild import rebuild_db
+
+    layout, _ = image
+    root = tmp_path / "root"
+    soci(root, "create", f"oci:{layout}:v1")
+    before = soci(root, "index", "ls", "--json").stdout
+    store = LocalStore(root)
+    try:
+        def full_disk(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store.db, "put_index", full_disk)
+        with pytest.raises(sqlite3.OperationalError):
+            rebuild_db(store)
+    finally:
+        store.close()
+    assert soci(root, "index", "ls", "--json").stdout == before

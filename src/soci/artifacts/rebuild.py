@@ -70,9 +70,10 @@ def rebuild_db(store: LocalStore) -> tuple[int, int]:
             indexes.append((IndexRecord(digest, size, mt.OCI_MANIFEST, index.artifact_type,
                                         target, target, _platform(store, target) if target else "",
                                         _mtime(store, digest)), members))
-    store.db.clear()
-    for rec in ztocs.values():
-        store.db.put_ztoc(rec)
-    for rec, members in indexes:
-        store.db.put_index(rec, members)
+    with store.db.transaction():  # readers see the old records or the new, never a mix
+        store.db.clear()
+        for rec in ztocs.values():
+            store.db.put_ztoc(rec)
+        for rec, members in indexes:
+            store.db.put_index(rec, members)
     return len({rec.digest for rec, _ in indexes}), len(ztocs)
