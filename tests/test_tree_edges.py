@@ -233,3 +233,25 @@ def test_layer_names_that_are_no_digest_answer_enoent(served: dict) -> None:
             os.stat(os.path.join(os.fsencode(refdir), name, b"diff"))
         assert e.value.errno == errno.ENOENT
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+@pytest.mark.parametrize("records,why", [
+    ({"SCHILY.xattr." + "u" * 256: "v"}, "attribute name"),
+    ({"SCHILY.xattr.user.big": "v" * 65537}, "limit 65536"),
+    ({"SCHILY.xattr.trusted.overlay.redirect": "/etc"}, "overlayfs"),
+    ({"SCHILY.xattr.trusted.overlay.opaque": "y"}, "overlayfs"),
+    ({"SCHILY.xattr.user.overlay.metacopy": ""}, "overlayfs"),
+], ids=["long-name", "big-value", "redirect", "opaque", "userxattr"])
+def test_xattrs_linux_or_overlayfs_would_misread_are_refused(records: dict, why: str) -> None:
+    with pytest.raises(ZtocFormatError, match=why):
+        LayerTree(_ztoc(_reg("etc/f", pax_records=records)))
+
+
+def test_ordinary_xattrs_are_served() -> None:
+    records = {"SCHILY.xattr.user.color": "blue", "SCHILY.xattr." + "u" * 255: "x" * 65536,
+               "SCHILY.xattr.security.capability": "\x01"}
+    tree = LayerTree(_ztoc(_reg("etc/f", pax_records=records), _reg("d/.wh..wh..opq")))
+    xattrs = tree.node(_walk(tree, "etc/f")).xattrs or {}
+    assert xattrs[b"user.color"] == b"blue"
+    assert xattrs[b"u" * 255] == b"x" * 65536
+    assert (tree.node(_walk(tree, "d")).xattrs or {})[b"trusted.overlay.opaque"] == b"y"

@@ -451,7 +451,11 @@ cdef class TarScanner:
         what = self.error.decode()
         if self.error_names_entry:
             header = (<unsigned char *>self.header)[:BLOCK]
-            name = decode_header(header)[1].decode("utf-8", "backslashreplace")
+            try:
+                raw_name = decode_header(header)[1]
+            except ValueError:  # a numeric field is what is broken: name it by its name field
+                raw_name = header[:100].split(b"\0", 1)[0]
+            name = raw_name.decode("utf-8", "backslashreplace")
             what = f"tar entry {name!r} {what}"
         raise LayerFormatError(f"{what} at uncompressed offset {self.error_offset}")
 

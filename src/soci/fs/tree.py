@@ -272,9 +272,30 @@ def _rdev(e: FileMetadata) -> int:
     return os.makedev(e.devmajor, e.devminor)
 
 
+#: The kernel's limits on an extended attribute (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+_XATTR_NAME_MAX = 255
+_XATTR_SIZE_MAX = 65536
+#: Attributes overlayfs reads from its lower layers (opaque dirs, redirects, metacopy):
+#: only the store sets them (from OCI whiteouts); a layer carrying its own could steer the
+#: merged view of a container beyond its own files.
+_OVERLAY_XATTRS = (b"trusted.overlay.", b"user.overlay.")
+
+
 def _xattrs(e: FileMetadata) -> dict[bytes, bytes] | None:
     found = e.xattrs
     if not found:
         return None
-    return {k.encode("utf-8", "surrogateescape"): v.encode("utf-8", "surrogateescape")
-            for k, v in found.items()}
+    out = {}
+    for key, value in found.items():
+        name = key.encode("utf-8", "surrogateescape")
+        data = value.encode("utf-8", "surrogateescape")
+        if not name or b"\0" in name or len(name) > _XATTR_NAME_MAX:
+            raise _refuse(e, f"has an extended attribute name Linux cannot hold "
+                             f"({len(name)} bytes)")
+        if len(data) > _XATTR_SIZE_MAX:
+            raise _refuse(e, f"has a {len(data)}-byte value for extended attribute "
+                             f"{key[:64]!r} (limit {_XATTR_SIZE_MAX})")
+        if name.startswith(_OVERLAY_XATTRS):
+            raise _refuse(e, f"carries overlayfs's own extended attribute {key[:64]!r}")
+        out[name] = data
+    return out

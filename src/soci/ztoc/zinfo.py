@@ -176,6 +176,10 @@ def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> N
             )
         return
     limit = span_limit(zinfo.span_size)
+    # What a span may take compressed: deflate never grows data by more than a few bytes per
+    # 64 KiB block, and member headers and trailers are small; the rest is a forged
+    # checkpoint making one small read fetch most of the layer.
+    compressed_limit = limit + limit // 8 + (1 << 20)
     outs = zinfo.outs
     for i in range(len(outs)):
         end = outs[i + 1] if i + 1 < len(outs) else max(uncompressed_size, outs[i])
@@ -183,6 +187,12 @@ def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> N
             raise ZtocFormatError(
                 f"zTOC span {i} holds {end - outs[i]} uncompressed bytes, over the {limit}"
                 f" a {zinfo.span_size}-byte span size allows (checkpoints missing?)"
+            )
+        compressed = zinfo.compressed_end(i) - zinfo.compressed_start(i)
+        if compressed > compressed_limit:
+            raise ZtocFormatError(
+                f"zTOC span {i} takes {compressed} compressed bytes, over the "
+                f"{compressed_limit} a {zinfo.span_size}-byte span size allows"
             )
 
 
