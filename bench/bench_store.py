@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--min-file", type=int, default=256 << 10)
     args = parser.parse_args()
     layer = Path(args.layer)
+    (HERE / ".data").mkdir(exist_ok=True)
     if not layer.exists():
         subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
     extracted = HERE / ".data" / "usrlib-extracted"

@@ -42,6 +42,7 @@ def main() -> None:
         return
     files = pick_files(args.root, args.tar_bytes)
     tmp = args.output + ".part"
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(tmp, "wb") as out:
         tar = subprocess.Popen(
             ["tar", "-C", "/", "--no-recursion", "--owner=0", "--group=0", "-cf", "-", "-T", "-"],
