@@ -45,8 +45,9 @@ from soci.registry import Reference, RegistryClient
 class Discovered:
     digest: str
     index: SociIndex
-    where: str  # "local mapping", "local store", "...fetched before", "image annotation",
-    # or "referrers"
+    # "local mapping", "local store", "earlier fetch" (from this image's repository),
+    # "image annotation" or "referrers"
+    where: str
 
 
 def _local(store: LocalStore, digest: str) -> SociIndex | None:
@@ -170,7 +171,7 @@ def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference |
         return None
     fetched = store.fetched.get(_source(ref), manifest_desc.digest)
     if fetched is not None and (index := _local(store, fetched)) is not None:
-        return Discovered(fetched, index, "this repository's index, fetched before")
+        return Discovered(fetched, index, "earlier fetch")
     annotated = (manifest.annotations or {}).get(mt.ANN_INDEX_DIGEST)
     if annotated is not None:
         local = _local(store, annotated)
