@@ -85,13 +85,14 @@ def test_create_push_and_discover_through_the_referrers_tag(tmp_path: Path, app_
     soci(other, "push", "-q", app_image)  # idempotent: no duplicate entry
     assert len(client().referrers(ref, desc.digest, mt.SOCI_INDEX_V1)) == 2
 
-    # A machine with an empty store discovers it remotely, then locally.
+    # A machine with an empty store discovers it remotely, then locally (as this
+    # repository's index: fetched ones are not trusted for other repositories).
     with LocalStore(tmp_path / "fresh") as store:
         got = discover_index(store, client(), ref, desc, manifest, "linux/amd64")
         assert got is not None and got.where == "referrers"
         assert all(store.content.has_blob(z.digest) for z in got.index.ztocs())
         again = discover_index(store, client(), ref, desc, manifest)
-        assert again is not None and again.where == "local mapping"
+        assert again is not None and again.where == "earlier fetch"
         assert again.digest == got.digest
 
 

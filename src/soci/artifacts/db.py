@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS indexes (
     manifest_digest TEXT NOT NULL,
     image_digest    TEXT NOT NULL,
     platform        TEXT NOT NULL,
-    created_at      TEXT NOT NULL
+    created_at      TEXT NOT NULL,
+    source          TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS indexes_by_manifest ON indexes(manifest_digest);
 CREATE TABLE IF NOT EXISTS ztocs (
@@ -55,6 +56,10 @@ CREATE TABLE IF NOT EXISTS image_refs (
 """
 
 
+#: Columns added after the first release: (table, column, definition) for ALTER TABLE.
+_ADDED_COLUMNS = (("indexes", "source", "TEXT NOT NULL DEFAULT ''"),)
+
+
 def timestamp(seconds: float | None = None) -> str:
     """RFC 3339 UTC, to the second: now, or ``seconds`` since the epoch."""
     when = dt.datetime.now(dt.UTC) if seconds is None else dt.datetime.fromtimestamp(
@@ -76,6 +81,11 @@ class IndexRecord:
     image_digest: str
     platform: str
     created_at: str
+    #: "" for an index the local operator put in the store (``soci create``, ``convert``,
+    #: files dropped by hand): trusted for its manifest from any repository. Otherwise
+    #: the "registry/repository" it was fetched from: trusted for that repository only
+    #: (see FetchedIndexes), never found by manifest digest alone.
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +128,7 @@ class ArtifactsDb:
             # WAL persists in the file; the schema is created once, by whoever comes first.
             self._retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             self._retry_locked(lambda: conn.executescript(_SCHEMA))
+            self._migrate(conn)
         except BaseException:
             conn.close()
             raise
@@ -130,6 +141,29 @@ class ArtifactsDb:
         # WAL needs no fsync per commit to stay consistent; the db is rebuildable anyway.
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add the columns a database made by an earlier version lacks.
+
+        Under the write lock, so two processes opening an old database at once add each
+        column once. Indexes recorded before ``source`` existed become local ones: the
+        old records cannot tell a fetched index from a created one.
+        """
+        def missing() -> list[tuple[str, str, str]]:
+            have = {(t, row[1]) for t in {t for t, _, _ in _ADDED_COLUMNS}
+                    for row in conn.execute(f"PRAGMA table_info({t})")}
+            return [a for a in _ADDED_COLUMNS if (a[0], a[1]) not in have]
+
+        if not missing():
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, definition in missing():
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def _retry_locked(self, step: Callable[[], object]) -> None:
         """Run ``step``, waiting out "database is locked" answers SQLite gives without
@@ -213,9 +247,12 @@ class ArtifactsDb:
     def put_index(self, rec: IndexRecord, ztoc_digests: Sequence[str],
                   refs: Sequence[str] = ()) -> None:
         with self.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO indexes VALUES (?,?,?,?,?,?,?,?)",
+            c.execute("INSERT OR REPLACE INTO indexes (digest, size, media_type, artifact_type,"
+                      " manifest_digest, image_digest, platform, created_at, source)"
+                      " VALUES (?,?,?,?,?,?,?,?,?)",
                       (rec.digest, rec.size, rec.media_type, rec.artifact_type,
-                       rec.manifest_digest, rec.image_digest, rec.platform, rec.created_at))
+                       rec.manifest_digest, rec.image_digest, rec.platform, rec.created_at,
+                       rec.source))
             c.execute("DELETE FROM index_ztocs WHERE index_digest = ?", (rec.digest,))
             c.executemany("INSERT INTO index_ztocs VALUES (?,?,?)",
                           [(rec.digest, i, z) for i, z in enumerate(ztoc_digests)])
@@ -246,27 +283,35 @@ class ArtifactsDb:
         with self._connection() as conn:
             return conn.execute(sql, params).fetchall()
 
+    _INDEX_COLUMNS = ("digest, size, media_type, artifact_type, manifest_digest, image_digest,"
+                      " platform, created_at, source")
+
     def index(self, digest: str) -> IndexRecord | None:
-        rows = self._read("SELECT * FROM indexes WHERE digest = ?", (digest,))
+        rows = self._read(f"SELECT {self._INDEX_COLUMNS} FROM indexes WHERE digest = ?",
+                          (digest,))
         return IndexRecord(*rows[0]) if rows else None
 
     def indexes(self, *, manifest_digests: list[str] | None = None,
-                platform: str | None = None) -> list[IndexRecord]:
+                platform: str | None = None, local: bool = False) -> list[IndexRecord]:
+        """The index records, oldest first; ``local``: only the operator's (source "")."""
         if manifest_digests is None:
-            rows = self._read("SELECT * FROM indexes")
+            rows = self._read(f"SELECT {self._INDEX_COLUMNS} FROM indexes")
         else:  # by the manifest index (the store asks this on every lookup)
             wanted = list(dict.fromkeys(manifest_digests))
             found: dict[str, tuple] = {}
             for i in range(0, len(wanted), 400):  # well below SQLite's variable limit
                 chunk = wanted[i : i + 400]
                 marks = ",".join("?" * len(chunk))
-                for row in self._read(f"SELECT * FROM indexes WHERE manifest_digest IN ({marks})"
+                for row in self._read(f"SELECT {self._INDEX_COLUMNS} FROM indexes"
+                                      f" WHERE manifest_digest IN ({marks})"
                                       f" OR image_digest IN ({marks})", chunk * 2):
                     found[row[0]] = row
             rows = list(found.values())
         out = sorted((IndexRecord(*r) for r in rows), key=lambda r: (r.created_at, r.digest))
         if platform is not None:
             out = [r for r in out if r.platform == platform]
+        if local:
+            out = [r for r in out if r.source == ""]
         return out
 
     def ztoc(self, digest: str) -> ZtocRecord | None:

@@ -4,6 +4,11 @@ Executors may drop indexes, zTOCs and mapping files into the root by hand;
 this pass finds every SOCI index in ``content/``, what it indexes (its subject,
 or the mapping files for v2 indexes), its zTOCs and, where the image manifest
 and config are present, the platform.
+
+Where an index came from survives a rebuild: one recorded under ``fetched/`` (and
+not also mapped by the operator under ``indexes/``) was fetched from a registry and
+is registered as that repository's, never as a local index, which discovery would
+trust for its manifest from every repository.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def rebuild_db(store: LocalStore) -> tuple[int, int]:
     mapped: dict[str, list[str]] = {}
     for manifest_digest, index_digest in store.mappings.items():
         mapped.setdefault(index_digest, []).append(manifest_digest)
+    fetched: dict[str, list[tuple[str, str]]] = {}  # index -> [(source, manifest)]
+    for source, manifest_digest, index_digest in store.fetched.items():
+        fetched.setdefault(index_digest, []).append((source, manifest_digest))
     indexes: list[tuple[IndexRecord, list[str]]] = []
     ztocs: dict[str, ZtocRecord] = {}
     for digest in store.content.blobs():
@@ -52,7 +60,12 @@ def rebuild_db(store: LocalStore) -> tuple[int, int]:
             index = SociIndex.parse(store.content.read_blob(digest))
         except SociError:
             continue
-        targets = [index.subject.digest] if index.subject else mapped.get(digest, [""])
+        if digest in mapped or digest not in fetched:  # the operator's (or dropped by hand)
+            source = ""
+            targets = [index.subject.digest] if index.subject else mapped.get(digest, [""])
+        else:
+            source, manifest_digest = fetched[digest][-1]
+            targets = [index.subject.digest if index.subject else manifest_digest]
         members = []
         for desc in index.ztocs():
             try:
@@ -69,7 +82,7 @@ def rebuild_db(store: LocalStore) -> tuple[int, int]:
         for target in targets:
             indexes.append((IndexRecord(digest, size, mt.OCI_MANIFEST, index.artifact_type,
                                         target, target, _platform(store, target) if target else "",
-                                        _mtime(store, digest)), members))
+                                        _mtime(store, digest), source), members))
     with store.db.transaction():  # readers see the old records or the new, never a mix
         store.db.clear()
         for rec in ztocs.values():

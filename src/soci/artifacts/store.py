@@ -1,7 +1,8 @@
 """The local store under a root directory, laid out as the fork lays it out.
 
     <root>/content/            an OCI image layout: SOCI indexes, zTOCs, image manifests
-    <root>/indexes/<hex>       image manifest digest -> SOCI index digest
+    <root>/indexes/<hex>       image manifest digest -> SOCI index digest (the operator's)
+    <root>/fetched/<repo>/<hex> the same for indexes fetched from a repository (that one's)
     <root>/artifacts.sqlite3   the artifacts database (rebuildable from content/)
     <root>/cache/spans/        soci-store's verified span cache
     <root>/soci-store.lock     held (flock) by the one soci-store using this root; its pid
@@ -22,7 +23,7 @@ import stat
 from pathlib import Path
 
 from soci.artifacts.db import ArtifactsDb
-from soci.artifacts.mappings import IndexMappings
+from soci.artifacts.mappings import FetchedIndexes, IndexMappings
 from soci.errors import SociError
 from soci.oci.layout import OciLayout
 
@@ -112,6 +113,7 @@ class LocalStore:
         create_root(self.root)
         self.content = OciLayout(self.root / "content", create=True, private=True)
         self.mappings = IndexMappings(self.root / "indexes")
+        self.fetched = FetchedIndexes(self.root / "fetched")
         self.db = ArtifactsDb(self.root / "artifacts.sqlite3")
 
     def close(self) -> None:

@@ -28,7 +28,11 @@ def index() -> None:
 @one_line_errors
 def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
                as_json: bool) -> None:
-    """List the SOCI indexes in the local store."""
+    """List the SOCI indexes in the local store.
+
+    SOURCE is "local" for indexes made or placed here (used for their image manifest from
+    any repository), or the repository an index was fetched from (used for that one only).
+    """
     manifests = None
     if ref is not None:
         manifests = app.store.db.manifests_for_ref(str(parse_image_name(ref)))
@@ -37,9 +41,10 @@ def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
         want = Platform.parse(platform)
         records = [r for r in records if r.platform and Platform.parse(r.platform).matches(want)]
     listing(records, quiet=quiet, as_json=as_json,
-            headers=["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED"],
+            headers=["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED",
+                     "SOURCE"],
             row=lambda r: (r.digest, r.size, r.manifest_digest, r.platform, r.artifact_type,
-                           r.created_at))
+                           r.created_at, r.source or "local"))
 
 
 index.add_command(index_list, "ls")
@@ -72,6 +77,7 @@ def index_rm(app: App, digests: tuple[str, ...]) -> None:
         for manifest_digest, index_digest in store.mappings.items():
             if index_digest == digest:
                 store.mappings.remove(manifest_digest)
+        store.fetched.remove_index(digest)
         store.content.delete_blob(digest)
         for z in orphans:
             store.content.delete_blob(z)

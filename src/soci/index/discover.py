@@ -1,14 +1,24 @@
 """Finding the SOCI index of an image manifest, in the fork's order.
 
 1. the local mapping ``<root>/indexes/<manifest hex>``,
-2. the local content store (indexes recorded for the manifest),
-3. the SOCI v2 annotation ``com.amazon.soci.index-digest`` on the manifest,
-4. the OCI referrers API, then 5. the referrers tag schema (both inside
+2. the local content store (indexes the operator recorded for the manifest),
+3. an index fetched before from this image's own repository,
+4. the SOCI v2 annotation ``com.amazon.soci.index-digest`` on the manifest,
+5. the OCI referrers API, then 6. the referrers tag schema (both inside
    ``RegistryClient.referrers``).
+
+Whom each answer is trusted for: 1 and 2 are the local operator's choice (``soci
+create``, ``soci convert``, files dropped by hand) and hold for the manifest from any
+repository. 4 is pinned by the manifest itself, so it holds wherever that manifest is.
+5 and 6 are whatever the repository's owner published next to the image: like
+upstream, which asks the image's own repository, such an index is trusted for that
+repository only, and remembered per (repository, manifest) (step 3), never by
+manifest digest alone: otherwise a copy of a public image pushed elsewhere with a
+hostile index would decide what the original repository's containers see.
 
 Artifacts found locally are never fetched again; fetched ones are verified
 (index and every zTOC against their digests, a v1 index's subject against the
-manifest) and kept in the content store.
+manifest) and kept in the content store. zTOCs are content-addressed and shared.
 
 Discoveries of one manifest run one at a time per local store: soci-store is asked
 for every layer of an image at once (podman looks them up in parallel), and all of
@@ -22,7 +32,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from soci.artifacts import IndexRecord, LocalStore, ZtocRecord
+from soci.artifacts import FetchedIndexes, IndexRecord, LocalStore, ZtocRecord
 from soci.artifacts.db import now
 from soci.errors import SociError
 from soci.index.model import SociIndex, ztoc_layer
@@ -35,7 +45,9 @@ from soci.registry import Reference, RegistryClient
 class Discovered:
     digest: str
     index: SociIndex
-    where: str  # "local mapping", "local store", "image annotation" or "referrers"
+    # "local mapping", "local store", "earlier fetch" (from this image's repository),
+    # "image annotation" or "referrers"
+    where: str
 
 
 def _local(store: LocalStore, digest: str) -> SociIndex | None:
@@ -47,13 +59,22 @@ def _local(store: LocalStore, digest: str) -> SociIndex | None:
     return None
 
 
+def _source(ref: Reference) -> str:
+    return FetchedIndexes.source_of(ref.registry, ref.repository)
+
+
 def _fetch(client: RegistryClient, ref: Reference, store: LocalStore, digest: str,
            manifest_desc: Descriptor, platform: str) -> SociIndex:
+    """Fetch, verify and keep an index (and its zTOCs) found in ``ref``'s repository."""
     data = client.get_manifest(replace(ref, tag=None, digest=digest)).data
     index = SociIndex.parse(data)
     if index.subject is not None and index.subject.digest != manifest_desc.digest:
         raise SociError(f"SOCI index {digest} is for {index.subject.digest}, "
                         f"not {manifest_desc.digest}")
+    source = _source(ref)
+    # Provenance first: the index never sits in content/ without it, so neither a crash
+    # here nor a later rebuild-db can turn it into a local index (trusted everywhere).
+    store.fetched.put(source, manifest_desc.digest, digest)
     for z in index.ztocs():
         if not store.content.has_blob(z.digest):
             store.content.write_blob(client.get_blob(ref, z.digest, size=z.size), z.digest)
@@ -62,10 +83,12 @@ def _fetch(client: RegistryClient, ref: Reference, store: LocalStore, digest: st
                                      (z.annotations or {}).get(mt.ANN_LAYER_MEDIA_TYPE, ""),
                                      span, now()))
     store.content.write_blob(data, digest)
-    store.db.put_index(IndexRecord(digest, len(data), mt.OCI_MANIFEST, index.artifact_type,
-                                   manifest_desc.digest, manifest_desc.digest, platform, now()),
-                       [z.digest for z in index.ztocs()])
-    store.mappings.put(manifest_desc.digest, digest)
+    known = store.db.index(digest)
+    if known is None or known.source != "":  # never demote the operator's own record
+        store.db.put_index(IndexRecord(digest, len(data), mt.OCI_MANIFEST, index.artifact_type,
+                                       manifest_desc.digest, manifest_desc.digest, platform,
+                                       now(), source),
+                           [z.digest for z in index.ztocs()])
     return index
 
 
@@ -132,7 +155,7 @@ def discover_index(store: LocalStore, client: RegistryClient | None, ref: Refere
 
     if flights is None:
         return discover()
-    source = "" if client is None or ref is None else f"{ref.registry}/{ref.repository}"
+    source = "" if client is None or ref is None else _source(ref)
     return flights.run((manifest_desc.digest, source), discover)
 
 
@@ -141,11 +164,14 @@ def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference |
     mapped = store.mappings.get(manifest_desc.digest)
     if mapped is not None and (index := _local(store, mapped)) is not None:
         return Discovered(mapped, index, "local mapping")
-    for rec in reversed(store.db.indexes(manifest_digests=[manifest_desc.digest])):
+    for rec in reversed(store.db.indexes(manifest_digests=[manifest_desc.digest], local=True)):
         if (index := _local(store, rec.digest)) is not None:
             return Discovered(rec.digest, index, "local store")
     if client is None or ref is None:
         return None
+    fetched = store.fetched.get(_source(ref), manifest_desc.digest)
+    if fetched is not None and (index := _local(store, fetched)) is not None:
+        return Discovered(fetched, index, "earlier fetch")
     annotated = (manifest.annotations or {}).get(mt.ANN_INDEX_DIGEST)
     if annotated is not None:
         local = _local(store, annotated)
