@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from soci.errors import NotFoundError, SociError
 from soci.image.sources import ImageSource
+from soci.oci import boundedjson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
 
@@ -45,7 +45,9 @@ def _read_config(source: ImageSource, manifest: Manifest) -> dict[str, Any]:
     with source.open_blob(manifest.config) as f:
         data = b"".join(iter(lambda: f.read(1 << 20), b""))
     try:
-        config = json.loads(data)
+        config = boundedjson.loads(data, f"image config {manifest.config.digest}")
+    except boundedjson.JsonLimitError as e:
+        raise SociError(str(e)) from None
     except ValueError:
         config = None
     if not isinstance(config, dict):

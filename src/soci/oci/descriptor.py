@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import platform as host_platform
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from soci.errors import SociError
-from soci.oci import gojson
+from soci.oci import boundedjson, gojson
 from soci.oci import mediatypes as mt
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -164,9 +163,13 @@ def _annotations(doc: dict[str, Any], what: str) -> dict[str, str] | None:
 
 
 def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from bytes that may come from a registry: parsed in memory bounded
+    by their size (see :mod:`soci.oci.boundedjson`)."""
     try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+        value = boundedjson.loads(data, what)
+    except boundedjson.JsonLimitError as e:
+        raise ManifestError(str(e)) from None
+    except ValueError as e:
         raise ManifestError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise ManifestError(f"{what} is not a JSON object")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from soci.errors import DigestMismatchError, InvalidReferenceError, NotFoundError, RegistryError
+from soci.oci import boundedjson
 from soci.oci.descriptor import Descriptor
 from soci.oci.mediatypes import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from soci.registry.reference import Reference, validate_digest
@@ -19,8 +19,9 @@ DEFAULT_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MAN
 #: containers/image (``iolimits.MaxManifestBodySize``). Referrers listings (image indexes)
 #: are held to it too.
 MAX_MANIFEST_SIZE = 4 << 20
-#: One page of a tag list (a registry without pagination sends all tags at once).
-_MAX_TAG_PAGE = 16 << 20
+#: One page of a tag list (a registry without pagination sends all tags at once), and all
+#: pages of one together: ~1M tags, each held as a Python str (~20x its text at worst).
+_MAX_TAG_PAGE = _MAX_TAG_LIST = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class Manifest:
     digest: str
 
     def json(self) -> Any:
-        """The parsed document."""
-        return json.loads(self.data)
+        """The parsed document (in memory bounded by its size: it came from a registry)."""
+        return boundedjson.loads(self.data, f"manifest {self.digest}")
 
     @property
     def size(self) -> int:
@@ -146,7 +147,8 @@ def list_tags(session: Session, target: Target, page_size: int | None) -> list[s
     path = f"/v2/{target.repository}/tags/list"
     if page_size is not None:
         path += f"?n={int(page_size)}"
-    for page in session.pages(target, path, "tag list", limit=_MAX_TAG_PAGE):
+    for page in session.pages(target, path, "tag list", limit=_MAX_TAG_PAGE,
+                              total=_MAX_TAG_LIST):
         page_tags = page.get("tags") or []
         if not isinstance(page_tags, list):
             raise RegistryError(f"{target.label}: tag list is not a list")
@@ -161,7 +163,7 @@ def _media_type_of(content_type: str | None, data: bytes) -> str:
                                          "application/octet-stream"):
         return media_type
     try:
-        doc = json.loads(data)
+        doc = boundedjson.loads(data, "manifest")
         declared = doc.get("mediaType")
         if isinstance(declared, str) and declared:
             return declared

@@ -9,11 +9,21 @@ from collections.abc import Mapping
 from typing import Any
 
 from soci.errors import NotFoundError, RegistryError
+from soci.oci import boundedjson
 from soci.oci.mediatypes import OCI_INDEX
 from soci.registry.manifests import MAX_MANIFEST_SIZE, get_manifest, push_manifest
 from soci.registry.reference import Reference, validate_digest
 from soci.registry.session import NoReferrersApi, Session
 from soci.registry.transport import Target
+
+#: All pages of a referrers listing together: the size of one manifest (an image index),
+#: which is all the referrers tag schema can list either.
+MAX_REFERRERS_BYTES = MAX_MANIFEST_SIZE
+#: Descriptors a listing may hold. A subject honestly has a handful of referrers
+#: (signatures, SBOMs, attestations, a SOCI index per span size); 10,000 is far past any
+#: real image yet keeps what a listing of tiny entries (``{}``, 3 bytes each) can leave
+#: held in memory to a few MiB, whatever 4 MiB of them a registry sends.
+MAX_REFERRERS = 10_000
 
 
 def referrers_tag(subject_digest: str) -> str:
@@ -31,9 +41,7 @@ def referrers(
     target = session.read_target(ref)
     found = _referrers_api(session, target, subject_digest, artifact_type)
     if found is None:
-        found = _referrers_from_tag(session, target, subject_digest)
-    if artifact_type is not None:
-        found = [d for d in found if d.get("artifactType") == artifact_type]
+        found = _referrers_from_tag(session, target, subject_digest, artifact_type)
     return found
 
 
@@ -78,10 +86,15 @@ def _referrers_api(
     if artifact_type is not None:
         path += "?" + urllib.parse.urlencode({"artifactType": artifact_type})
     found: list[dict[str, Any]] = []
+    listed = 0
     try:
         for page in session.pages(target, path, "referrers", accept=OCI_INDEX,
-                                  limit=MAX_MANIFEST_SIZE):
-            found.extend(_descriptors(page))
+                                  limit=MAX_MANIFEST_SIZE, total=MAX_REFERRERS_BYTES):
+            entries = page.get("manifests") or []
+            listed += len(entries)
+            _check_count(listed, target)
+            # Only what the caller asked for is kept (a registry may ignore the filter).
+            found.extend(_descriptors(entries, artifact_type))
     except NoReferrersApi:
         session.note_no_referrers_api(target)
         return None
@@ -89,7 +102,7 @@ def _referrers_api(
 
 
 def _referrers_from_tag(
-    session: Session, target: Target, subject_digest: str
+    session: Session, target: Target, subject_digest: str, artifact_type: str | None
 ) -> list[dict[str, Any]]:
     """Referrers from the referrers tag schema (no tag: none)."""
     tag_ref = target.ref.with_tag(referrers_tag(subject_digest))
@@ -97,19 +110,33 @@ def _referrers_from_tag(
         manifest = get_manifest(session, Target(tag_ref, target.endpoint), OCI_INDEX)
     except NotFoundError:
         return []
-    return _descriptors(_parse_index(manifest.data, target, "referrers tag"))
+    entries = _parse_index(manifest.data, target, "referrers tag").get("manifests") or []
+    _check_count(len(entries), target)
+    return _descriptors(entries, artifact_type)
 
 
 def _parse_index(data: bytes, target: Target, what: str) -> dict[str, Any]:
+    """An image index read from the registry (parsed in memory bounded by its size)."""
     try:
-        index = json.loads(data)
+        index = boundedjson.loads(data, what)
         if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
             raise ValueError
+    except boundedjson.JsonLimitError as e:
+        raise RegistryError(f"{target.label}: {e}") from None
     except ValueError:
         raise RegistryError(f"{target.label}: {what} is not an image index") from None
     return index
 
 
-def _descriptors(index: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The index's manifest descriptors (entries that are not objects are skipped)."""
-    return [dict(m) for m in index.get("manifests") or [] if isinstance(m, Mapping)]
+def _check_count(listed: int, target: Target) -> None:
+    if listed > MAX_REFERRERS:
+        raise RegistryError(
+            f"{target.label}: referrers listing has more than {MAX_REFERRERS} entries"
+        )
+
+
+def _descriptors(entries: list[Any], artifact_type: str | None) -> list[dict[str, Any]]:
+    """The manifest descriptors among an index's entries (entries that are not objects
+    are skipped), only those of ``artifact_type`` if given."""
+    return [m for m in entries if isinstance(m, dict)
+            and (artifact_type is None or m.get("artifactType") == artifact_type)]

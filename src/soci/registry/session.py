@@ -8,14 +8,14 @@ listings. The API modules (:mod:`~soci.registry.manifests`, :mod:`~soci.registry
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from soci.errors import DigestMismatchError, NotFoundError, RegistryError
+from soci.oci import boundedjson
 from soci.registry.config import RegistriesConf
 from soci.registry.reference import Reference
 from soci.registry.tokens import Authenticator
@@ -186,37 +186,51 @@ class Session:
         what: str,
         *,
         limit: int,
+        total: int,
         accept: str = "application/json",
-    ) -> list[dict[str, Any]]:
-        """GET a JSON listing and every page its ``Link: <...>; rel="next"`` headers name
-        (each page at most ``limit`` bytes)."""
-        pages: list[dict[str, Any]] = []
+    ) -> Iterator[dict[str, Any]]:
+        """GET a JSON listing and every page its ``Link: <...>; rel="next"`` headers name,
+        yielding each parsed page in turn (the caller keeps what it needs, not the pages).
+
+        Each page is at most ``limit`` bytes and all pages together at most ``total``: a
+        registry naming page after page cannot make a listing cost more than that (and
+        each page is parsed in memory bounded by its size, see :mod:`soci.oci.boundedjson`).
+        """
         seen: set[str] = set()
+        used = 0
         url: str | None = path
         for _ in range(_MAX_PAGES):
             if url is None or url in seen:
                 break
             seen.add(url)
-            resp = self.request("GET", target, url, headers={"Accept": accept}, limit=limit)
+            budget = min(limit, total - used)
+            resp = self.request("GET", target, url, headers={"Accept": accept}, limit=budget)
             if what == "referrers" and resp.status in _NO_REFERRERS_API:
                 raise NoReferrersApi
             if resp.status != 200:
                 raise self.error(resp, target, what)
             if resp.oversize:
+                if budget < limit:
+                    raise RegistryError(
+                        f"{target.label}: {what} listing larger than {total} bytes in all"
+                    )
                 raise RegistryError(f"{target.label}: {what} page larger than {limit} bytes")
+            used += len(resp.data)
             try:
-                page = json.loads(resp.data)
+                page = boundedjson.loads(resp.data, f"{what} page")
                 if not isinstance(page, dict):
                     raise ValueError
+            except boundedjson.JsonLimitError as e:
+                raise RegistryError(f"{target.label}: {e}") from None
             except ValueError:
                 if what == "referrers":
                     raise NoReferrersApi from None
                 raise RegistryError(f"{target.label}: {what} is not a JSON object") from None
             if what == "referrers" and not isinstance(page.get("manifests", []), list):
                 raise NoReferrersApi
-            pages.append(page)
             url = _next_link(resp.headers.get("Link"))
-        return pages
+            yield page
+            del page  # not held while the next page is fetched
 
 
 class NoReferrersApi(Exception):

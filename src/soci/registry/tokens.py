@@ -9,7 +9,6 @@ cached per (host, scope) until ``expires_in`` and fetched again on a later 401.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from soci.errors import AuthError, RegistryError
+from soci.oci import boundedjson
 from soci.registry.auth import Credentials, CredentialStore
 from soci.registry.transport import Response, Target, Transport, describe
 
@@ -218,6 +218,7 @@ class Authenticator:
             read_body=True,
             label=target.label,
             limit=_MAX_TOKEN_BODY,
+            https_only=True,
         )
         if resp.status in (401, 403):
             who = f"the credentials for {target.endpoint.registry}" if creds else "anonymous access"
@@ -239,7 +240,7 @@ class Authenticator:
                 f"{_MAX_TOKEN_BODY} bytes"
             )
         try:
-            reply = json.loads(resp.data)
+            reply = boundedjson.loads(resp.data, "token answer")
             token = reply.get("token") or reply.get("access_token")
             if not isinstance(token, str) or not token:
                 raise ValueError

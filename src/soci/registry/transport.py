@@ -1,8 +1,9 @@
 """HTTP for the registry client: connection pools, scheme choice, retries with backoff,
 redirects, and body reads bounded by what the caller expects.
 
-Nothing here knows the distribution API or credentials beyond the one rule that an
-``Authorization`` header never follows a redirect to another host or down to plain HTTP
+Nothing here knows the distribution API or credentials beyond the one rule that nothing
+that may hold them, the ``Authorization`` header or a request body (a token request's
+refresh token), follows a redirect to another host or down to plain HTTP
 (:func:`may_carry_credentials`); :mod:`soci.registry.session` adds authentication on top.
 """
 
@@ -287,16 +288,20 @@ class Transport:
         label: str,
         limit: int = MAX_ERROR_BODY,
         range_start: int | None = None,
+        https_only: bool = False,
     ) -> Response:
         """One HTTP exchange with transport/429/5xx retries and redirects followed; the
-        body is read as :meth:`soci.registry.session.Session.request` describes."""
+        body is read as :meth:`soci.registry.session.Session.request` describes.
+
+        ``https_only``: refuse a redirect from HTTPS down to plain HTTP whatever the
+        request (token requests: what comes back is a credential too)."""
         deadline = time.monotonic() + self.max_retry_time
         host = urllib.parse.urlsplit(url).netloc
         path = urllib.parse.urlsplit(url).path
         for attempt in range(self.retries + 1):
             last = attempt >= self.retries
             try:
-                raw = self._send(method, url, headers, body, insecure)
+                raw = self._send(method, url, headers, body, insecure, label, https_only)
                 resp = Response(raw)
                 if method == "HEAD":
                     resp.body = b""
@@ -350,9 +355,14 @@ class Transport:
         headers: dict[str, str],
         body: bytes | None,
         insecure: bool,
+        label: str,
+        https_only: bool,
     ) -> urllib3.BaseHTTPResponse:
         """Send with redirects followed; ``Authorization`` is dropped for good at the first
         redirect to another host or from HTTPS to plain HTTP (see may_carry_credentials).
+        A redirect there that would re-send the request body (307/308) is refused rather
+        than followed: the body may hold a credential (a refresh token) and, unlike a
+        header, cannot be dropped without changing the request.
         Bodies are never decoded (we ask for ``identity``): bytes are hashed as sent, and a
         small compressed answer cannot inflate into a large one."""
         headers = dict(headers)
@@ -376,11 +386,21 @@ class Transport:
                 return raw
             Response(raw).discard()
             new_url = urllib.parse.urljoin(url, location)
-            if not may_carry_credentials(url, new_url):
-                headers.pop("Authorization", None)
             if raw.status == 303:
                 method, body = "GET", None
                 headers.pop("Content-Length", None)
+            if https_only and _downgrades(url, new_url):
+                raise RegistryError(
+                    f"{label}: refusing a redirect from HTTPS down to plain HTTP "
+                    f"({_origin(url)} -> {_origin(new_url)})"
+                )
+            if not may_carry_credentials(url, new_url):
+                headers.pop("Authorization", None)
+                if body is not None:
+                    raise RegistryError(
+                        f"{label}: refusing to re-send a {method} request's body on a "
+                        f"redirect from {_origin(url)} to {_origin(new_url)}"
+                    )
             url = new_url
         raise RegistryError(f"{url}: more than {_MAX_REDIRECTS} redirects")
 
@@ -394,7 +414,20 @@ def may_carry_credentials(from_url: str, to_url: str) -> bool:
     old, new = urllib.parse.urlsplit(from_url), urllib.parse.urlsplit(to_url)
     if old.netloc.lower() != new.netloc.lower():
         return False
-    return not (old.scheme.lower() == "https" and new.scheme.lower() != "https")
+    return not _downgrades(from_url, to_url)
+
+
+def _downgrades(from_url: str, to_url: str) -> bool:
+    """Whether a redirect goes from HTTPS to anything else."""
+    old, new = urllib.parse.urlsplit(from_url), urllib.parse.urlsplit(to_url)
+    return old.scheme.lower() == "https" and new.scheme.lower() != "https"
+
+
+def _origin(url: str) -> str:
+    """``scheme://host`` of a URL: how errors name a redirect's ends (never the path or
+    query, which may carry a signed token)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _reason(error: BaseException) -> str:
