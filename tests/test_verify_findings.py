@@ -34,7 +34,7 @@ from soci.ztoc import build_ztoc, codec
 from soci.ztoc.model import FileMetadata, Ztoc
 from soci.ztoc.zinfo import GzipZinfo, span_limit
 from storeenv import StoreDaemon
-from test_registry_bounds import Answer, Seen, _Server, _tls_context, host_of
+from test_registry_bounds import Answer, Seen, _Server, _tls_context, host_of, serve  # noqa: F401 (a fixture)
 
 # -- item 8's class: bad tar input must end in one clear error ------------------------
 
@@ -188,27 +188,8 @@ def test_referrers_pages_are_bounded_in_memory() -> None:
 # -- item 14's class: credentials must not cross a scheme downgrade ----------------------
 
 
-@pytest.fixture
-def tls_server() -> Iterator[Callable[[Callable[[Seen], Answer], Path], _Server]]:
-    """test_registry_bounds' server (TLS and plain HTTP on one port), stopped after."""
-    started: list[tuple[_Server, threading.Thread]] = []
-
-    def start(routes: Callable[[Seen], Answer], tmp: Path) -> _Server:
-        server = _Server(routes, _tls_context(tmp))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        return server
-
-    yield start
-    for server, thread in started:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
 def test_token_refresh_is_not_resent_over_plain_http(
-        tls_server: Callable[[Callable[[Seen], Answer], Path], _Server], tmp_path: Path) -> None:
+        serve: Callable[..., _Server], tmp_path: Path) -> None:  # noqa: F811 (the fixture)
     """With an identity (refresh) token the realm is asked by POST with the token in the
     body. A 307 from the HTTPS realm to plain HTTP on the same host drops Authorization
     but re-sends that body, so the refresh token crosses the network in clear text."""
@@ -224,7 +205,7 @@ def test_token_refresh_is_not_resent_over_plain_http(
             return Answer(401, {"WWW-Authenticate": f'Bearer realm="https://{base}/token"'})
         return Answer(200, body=b"x")
 
-    server = tls_server(routes, tmp_path)
+    server = serve(routes, _tls_context(tmp_path))
     port.append(int(server.server_address[1]))
     host = host_of(server)
     conf = RegistriesConf.from_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
