@@ -125,24 +125,33 @@ def read_bounded(resp: Response, limit: int) -> None:
     caller to refuse with its own words.
     """
     raw = resp.raw
-    data = bytearray()
+    body = b""
     declared = declared_length(resp.headers)
     if declared is not None and declared > limit:
         resp.oversize = True
+    elif declared is not None:
+        # One read: the length is known and allowed, and the HTTP layer stops at it (and
+        # raises if the body is cut short, for the retry loop). Reading in pieces here
+        # halved the throughput of span fetches.
+        body = raw.read()
     else:
-        # Until EOF (a body cut short then raises, for the retry loop) or one byte too many.
-        while len(data) <= limit:
-            chunk = raw.read(min(limit + 1 - len(data), SKIP_CHUNK))
+        # No length: pieces until EOF, or until one byte too many.
+        parts: list[bytes] = []
+        have = 0
+        while have <= limit:
+            chunk = raw.read(min(limit + 1 - have, SKIP_CHUNK))
             if not chunk:
                 break
-            data += chunk
-        if len(data) > limit:
-            data = bytearray()
+            parts.append(chunk)
+            have += len(chunk)
+        if have > limit:
             resp.oversize = True
+        else:
+            body = b"".join(parts)
     if resp.oversize:
         raw.close()
     raw.release_conn()
-    resp.body = bytes(data)
+    resp.body = body
 
 
 def read_slice(resp: Response, skip: int, amount: int) -> None:
