@@ -30,6 +30,14 @@ def _path(path: str | os.PathLike[str]) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
+def soci(root: Path, *args: str) -> str:
+    """Run the ``soci`` CLI on ``root`` (plain HTTP to the test registries); its stdout."""
+    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     target = _path(path)
     with open("/proc/self/mounts") as f:

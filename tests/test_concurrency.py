@@ -21,7 +21,7 @@ from images import files_layer, write_image
 from registryd import FaultProxy, Registry, push_layout
 from soci.artifacts import ArtifactsDb, IndexRecord, ZtocRecord
 from soci.index.discover import DiscoveryFlights
-from storeenv import StoreDaemon
+from storeenv import StoreDaemon, soci
 
 
 def _digest(*what: object) -> str:
@@ -142,13 +142,6 @@ def test_several_processes_write_at_once(tmp_path: Path) -> None:
 # -- the store: every layer of an image looked up at once on a fresh root ---------------
 
 LAYERS = 12
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,18 +19,11 @@ import pytest
 from images import big_file, busybox_layer, files_layer, write_image
 from podmanenv import Podman, podman_available
 from registryd import FaultProxy, Registry, push_layout
-from storeenv import StoreDaemon
+from storeenv import StoreDaemon, soci
 
 FILES = {f"opt/data/blob{i}.bin": big_file(f"p{i}", 4_000_000) for i in range(6)}
 FILES["opt/data/motd"] = b"hello from a lazily loaded layer\n"
 SMALL = {"etc/small.conf": b"small layer, pulled normally\n"}
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,9 @@ import pytest
 from images import big_file, files_layer, write_image
 from layers import Node, tar_with_tarfile
 from registryd import Registry, push_layout
-from storeenv import StoreDaemon
+from storeenv import StoreDaemon, soci
 
 FILES = {f"data/f{i}.bin": big_file(f"shared{i}", 700_000) for i in range(8)}
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def manifest(ref: str) -> dict:

@@ -21,7 +21,7 @@ import pytest
 from images import big_file, files_layer, write_image
 from layers import Node, tar_with_tarfile
 from registryd import FaultProxy, Registry, push_layout
-from storeenv import StoreDaemon, is_mounted
+from storeenv import StoreDaemon, is_mounted, soci
 
 BIG = {f"data/big{i}.bin": big_file(f"s{i}", 2_500_000) for i in range(8)}
 
@@ -44,13 +44,6 @@ def rich_layer() -> bytes:
         Node("opq/kept", data=b"kept\n"),
     ]
     return tar_with_tarfile(nodes, tarfile.PAX_FORMAT)
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,19 +22,12 @@ import pytest
 
 from images import big_file, files_layer, write_image
 from registryd import Registry, push_layout
-from storeenv import StoreDaemon, is_mounted
+from storeenv import StoreDaemon, is_mounted, soci
 
 SHADOW = b"root:$6$secret-hash-of-the-image:19000:0:99999:7:::\n"
 FILES = {"etc/shadow": (SHADOW, 0o600), "data/big.bin": big_file("daemon", 1_500_000),
          "data/motd": b"served\n"}
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.fixture(scope="module")

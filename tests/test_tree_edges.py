@@ -11,10 +11,8 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +22,7 @@ from registryd import Registry, push_layout
 from soci.errors import ZtocFormatError
 from soci.fs.tree import ROOT, LayerTree
 from soci.ztoc.model import Compression, FileMetadata, Ztoc
-from storeenv import StoreDaemon
+from storeenv import StoreDaemon, soci
 
 DEPTH = 1100  # components of 1 byte: a 2,201-byte path, legal (PATH_MAX is 4,096)
 DEEP = "/".join(["a"] * DEPTH) + "/f"
@@ -132,13 +130,6 @@ def test_a_directory_replaced_by_a_file_loses_its_contents() -> None:
 REFUSED = {  # layer position -> what is wrong with it
     1: "d/.wh.", 2: "d/.wh..", 3: "d/.wh...", 4: "n/" + "x" * 300, 5: "huge device",
 }
-
-
-def soci(root: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "--root", str(root),
-                           *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def _layers() -> list[bytes]:
