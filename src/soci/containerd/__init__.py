@@ -1,0 +1,1 @@
+"""containerd's side: its API (generated stubs in ``api``) and the client ``soci pull`` uses."""
