@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,13 @@ def test_bad_requests_are_clear_grpc_errors(tmp_path: Path) -> None:
         # Nothing was half-made by the refusals.
         assert {i.name for i in sn.list()} == {"ac", "v", "child"}
         assert len(os.listdir(tmp_path / "root" / "snapshotter" / "snapshots")) == 3
+        with urllib.request.urlopen(f"http://{sn.metrics_address}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert 'soci_snapshotter_requests_total{method="prepare",code="ALREADY_EXISTS"} 1' \
+            in text, text
+        assert 'soci_snapshotter_requests_total{method="prepare",code="NOT_FOUND"} 1' in text
+        assert 'soci_snapshots{kind="active"} 1' in text
+        assert 'soci_snapshots{kind="committed"} 1' in text
 
 
 def test_layer_with_an_index_is_committed_lazily(world: dict, tmp_path: Path) -> None:

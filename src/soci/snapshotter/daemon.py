@@ -106,7 +106,8 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
                                         store_cfg.background_fetch.fetch_period_msec)
             fetcher.start()
             stack.callback(fetcher.stopped.set)
-        server = _listen(config.address, SnapshotsService(snapshots), workers=32)
+        metrics.snapshot_counts = snapshots.counts
+        server = _listen(config.address, SnapshotsService(snapshots, metrics), workers=32)
         stack.callback(server.stop, 2)
         if config.metrics_address:
             http_server = serve_http(config.metrics_address, metrics, manager, mountpoint)

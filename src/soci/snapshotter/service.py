@@ -20,6 +20,7 @@ from soci.containerd.api import snapshots_pb2 as pb
 from soci.containerd.api import snapshots_pb2_grpc as pb_grpc
 from soci.containerd.api import types_pb2
 from soci.errors import NotFoundError, SociError
+from soci.serve.metrics import Metrics
 from soci.snapshotter.metadata import Kind, Snapshot
 from soci.snapshotter.snapshots import (
     InvalidSnapshotRequest,
@@ -62,22 +63,31 @@ def info(s: Snapshot) -> pb.Info:
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
-    def __init__(self, snapshots: Snapshots) -> None:
+    def __init__(self, snapshots: Snapshots, metrics: Metrics | None = None) -> None:
         self.snapshots = snapshots
+        self.metrics = metrics
 
     def _call(self, context: grpc.ServicerContext, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``, turning our errors into the status codes containerd understands."""
+        method = what.split(" ", 1)[0]
+        code = grpc.StatusCode.INTERNAL
         try:
-            return fn()
+            result = fn()
+            code = grpc.StatusCode.OK
+            return result
         except Exception as e:
-            for kind, code in _CODES:
-                if isinstance(e, kind):
-                    if code is not grpc.StatusCode.ALREADY_EXISTS:
-                        log.info("%s: %s", what, e)
-                    context.abort(code, str(e))
-            log.exception("%s failed", what)
-            context.abort(grpc.StatusCode.INTERNAL, f"{what}: {e}")
+            code = next((c for kind, c in _CODES if isinstance(e, kind)),
+                        grpc.StatusCode.INTERNAL)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", what)
+                context.abort(code, f"{what}: {e}")
+            if code is not grpc.StatusCode.ALREADY_EXISTS:
+                log.info("%s: %s", what, e)
+            context.abort(code, str(e))
             raise  # abort raises; this keeps type checkers content
+        finally:
+            if self.metrics is not None:
+                self.metrics.request(method, code.name)
 
     def Prepare(self, request: pb.PrepareSnapshotRequest,
                 context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:

@@ -398,6 +398,15 @@ class Snapshots:
                 removed += 1
         return removed
 
+    def counts(self) -> dict[str, int]:
+        """Snapshots by kind, and how many of the committed ones are served lazily."""
+        out = {k.name.lower(): 0 for k in Kind}
+        out["lazy"] = 0
+        for s in self.meta.all():
+            out[s.kind.name.lower()] += 1
+            out["lazy"] += s.remote is not None
+        return out
+
     def remotes(self) -> list[Snapshot]:
         return [s for s in self.meta.all() if s.remote is not None]
 
