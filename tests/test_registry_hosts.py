@@ -243,7 +243,8 @@ def test_client_certificate_required_and_supplied(
     hosts_toml(tmp_path / "without", mtls.host, f'ca = "{pki.ca}"\n')
     with client(tmp_path / "without") as c, pytest.raises(RegistryError) as caught:
         c.get_manifest(ref)
-    assert mtls.host in one_line(caught.value)
+    message = one_line(caught.value)
+    assert mtls.host in message and "client certificate" in message
 
     hosts_toml(tmp_path / "with", mtls.host,
                f'ca = "{pki.ca}"\nclient = [["{pki.client_cert}", "{pki.client_key}"]]\n')

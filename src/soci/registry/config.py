@@ -17,6 +17,10 @@ Everything else (search registries, short-name aliases, ...) is ignored: soci on
 takes fully qualified references after :class:`~soci.registry.reference.Reference`
 normalisation.
 
+How each registry host named here is then reached (CAs, client certificates, schemes,
+containerd ``hosts.toml`` mirrors) is up to the host directories of
+:mod:`soci.registry.hosts`, which also says which wins where both speak of one host.
+
 Where the file comes from: ``$CONTAINERS_REGISTRIES_CONF``, else the rootless user's
 ``~/.config/containers/registries.conf`` if it exists, else
 ``/etc/containers/registries.conf``. A missing file means "no configuration".

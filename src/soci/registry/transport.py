@@ -363,8 +363,15 @@ class Transport:
                 # Other answers keep their body unread: ``resp.data`` takes 64 KiB at most.
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 if isinstance(e, urllib3.exceptions.SSLError):
+                    hint = ""
+                    if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                        hint = (" (to trust a private CA: `ca` in the host's hosts.toml, or a"
+                                " *.crt in its certs.d directory)")
+                    elif "BAD_CERTIFICATE" in str(e) or "CERTIFICATE_REQUIRED" in str(e):
+                        hint = (" (does it want a client certificate? `client` in the host's"
+                                " hosts.toml, or *.cert + *.key in its certs.d directory)")
                     raise RegistryError(
-                        f"{label}: TLS error talking to {host}: {one_line(str(e), 160)}"
+                        f"{label}: TLS error talking to {host}: {one_line(str(e), 160)}{hint}"
                     ) from None
                 delay = self.delay(attempt, None)
                 if idempotent and not last and time.monotonic() + delay <= deadline:
