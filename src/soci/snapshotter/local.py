@@ -17,6 +17,7 @@ containerd asks for them, and are dropped if it never does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -115,11 +116,10 @@ class LocalLayers:
                 if desc.digest in self._started:
                     continue
                 self._started[desc.digest] = now
-            ref = image.ref
             spec = LayerSpec(desc.digest, desc.size, desc.media_type, image.diff_ids[i],
                              os.path.join(self.dir, desc.digest.replace(":", "-")),
-                             lambda d=desc: self.manager.client.open_blob(ref, d.digest,
-                                                                          size=d.size),
+                             functools.partial(self.manager.client.open_blob, image.ref,
+                                               desc.digest, size=desc.size),
                              image=name)
             try:
                 self.unpacker.submit(spec)
