@@ -408,7 +408,7 @@ def test_unpack_file_from_local_blob(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(blob.data)
     result = unpack_file(str(path), str(tmp_path / "fs"), media_type=GZ, digest=blob.digest,
-                         diff_id=blob.diff_id, size=len(blob.data), threaded=False)
+                         diff_id=blob.diff_id, size=len(blob.data), inflater="isal")
     assert result.entries == 1 and (tmp_path / "fs" / "f").read_bytes() == b"x" * 5000
 
 
@@ -532,6 +532,78 @@ def test_close_cancels_and_cleans(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
     with pytest.raises(UnpackError, match="closed"):
         unpacker.submit(spec)
+
+
+class RemoteLike:
+    """A stream without fileno, read at full speed (a fast network)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        return self._data.read(n)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _wait_for(predicate: object, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("finish", ["release", "close"])
+def test_downloads_spool_while_unpack_slots_are_busy(tmp_path: Path, finish: str) -> None:
+    """With the only unpack slot taken by a slow layer, the next layer is downloaded into
+    a spool file (digest checked) and unpacked from it once the slot frees up; closing
+    the unpacker instead removes the spool and staging files."""
+    slow_blob, fast_blob = layer_blob(1, files=100), layer_blob(2, files=10)
+    release = threading.Event()
+    slow: list[SlowStream] = []
+    fast: list[RemoteLike] = []
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    def open_slow() -> SlowStream:
+        slow.append(SlowStream(slow_blob.data, release))
+        return slow[-1]
+
+    def open_fast() -> RemoteLike:
+        fast.append(RemoteLike(fast_blob.data))
+        return fast[-1]
+
+    slow_spec = LayerSpec(slow_blob.digest, len(slow_blob.data), GZ, slow_blob.diff_id,
+                          str(a / "fs"), open_slow)  # type: ignore[arg-type]
+    fast_spec = LayerSpec(fast_blob.digest, len(fast_blob.data), GZ, fast_blob.diff_id,
+                          str(b / "fs"), open_fast)  # type: ignore[arg-type]
+    unpacker = ParallelUnpacker(max_concurrent_unpacks=1)
+    try:
+        unpacker.submit(slow_spec)
+        _wait_for(lambda: slow, "the slow layer to start")
+        _wait_for(lambda: any(n.startswith("fs.tmp-") for n in os.listdir(a)), "its staging")
+        unpacker.submit(fast_spec)
+        _wait_for(lambda: fast and fast[0].closed, "the fast layer's download")
+        spooled = [n for n in os.listdir(b) if n.endswith(".blob")]
+        assert len(spooled) == 1 and not unpacker.done(fast_spec.digest)
+        if finish == "release":
+            release.set()
+            assert unpacker.wait(slow_spec.digest).entries == 101
+            assert unpacker.wait(fast_spec.digest).entries == 11
+            assert os.listdir(a) == ["fs"] and os.listdir(b) == ["fs"]
+        else:
+            unpacker.close()
+            for spec in (slow_spec, fast_spec):
+                with pytest.raises(UnpackCancelledError):
+                    unpacker.wait(spec.digest)
+            assert os.listdir(a) == [] and os.listdir(b) == []
+    finally:
+        release.set()
+        unpacker.close()
 
 
 def test_config_from_toml() -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import hashlib
 import io
 import os
@@ -230,9 +231,9 @@ class _Extractor:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                where = _show(b"/".join(comps))
                 raise UnsafeLayerError(
-                    f"layer tar writes through a symlink or non-directory: {_show(b'/'.join(comps))}"
-                ) from None
+                    f"layer tar writes through a symlink or non-directory: {where}") from None
             raise
         self._cache[comps] = fd
         return fd
@@ -399,12 +400,19 @@ class _Extractor:
             os.utime(fd, ns=(atime, mtime))
 
 
-def _open_inflated(raw: HashingReader, compression: str, threaded: bool) -> Any:
+#: How gzip layers are inflated: ISA-L in a helper thread that runs ahead of the writer
+#: (ISA-L releases the GIL), ISA-L inline, or the standard library's zlib (for comparison).
+INFLATERS = ("isal-threaded", "isal", "zlib")
+
+
+def _open_inflated(raw: HashingReader, compression: str, inflater: str) -> Any:
     if compression == "none":
         return raw
-    if threaded:  # inflate in a helper thread (ISA-L releases the GIL) ahead of the writer
+    if inflater == "isal-threaded":
         return igzip_threaded.open(raw, "rb", threads=1)
-    return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    if inflater == "isal":
+        return igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
 
 
 def staging_dir(dest: str) -> str:
@@ -422,7 +430,7 @@ def unpack_stream(
     size: int | None = None,
     verify_compressed: bool = True,
     cancel: threading.Event | None = None,
-    threaded: bool = True,
+    inflater: str = "isal-threaded",
 ) -> UnpackResult:
     """Unpack the layer blob read from ``stream`` to ``dest`` (absent or an empty
     directory). ``verify_compressed=False`` only when the stream was already checked
@@ -431,6 +439,8 @@ def unpack_stream(
     Raises an ``UnpackError`` subclass (``UnsupportedLayerError``: fall back to the
     runtime's unpack) and leaves ``dest`` as it was."""
     compression = compression_of(media_type)
+    if inflater not in INFLATERS:
+        raise ValueError(f"unknown inflater {inflater!r}")
     check_digest(digest, "layer digest")
     check_digest(diff_id, "diff ID")
 
@@ -451,7 +461,7 @@ def unpack_stream(
         root_fd = os.open(staging, _DIR_FLAGS)
         _root_like(root_fd, dest)
         extractor = _Extractor(root_fd)
-        inflated = _open_inflated(raw, compression, threaded)
+        inflated = _open_inflated(raw, compression, inflater)
         inp = TarInput(inflated, hashlib.new(diff_id.split(":", 1)[0]), check)
         reader = TarReader(inp)
         while (entry := reader.next()) is not None:

@@ -3,8 +3,10 @@
 containerd asks a snapshotter to Prepare the layers of an image one after another; if each
 Prepare fetched and unpacked its own layer, the pull would be sequential. Instead the
 caller submits every layer of the image as soon as it knows them; each gets a background
-thread that (1) downloads the blob into a spool file beside its destination, checking
-size and digest, under the download limits, then (2) unpacks it under the unpack limits.
+thread that downloads the blob under the download limits and unpacks it under the unpack
+limits: straight from the network when unpack slots are free as the download starts, else
+through a spool file beside its destination (checked against size and digest) so that
+downloads go on while unpacks wait.
 ``wait(digest)`` blocks until that one layer is ready, so Prepare in order still finds the
 later layers already done or under way.
 
@@ -134,6 +136,13 @@ class _Slots:
                 self._cond.wait(0.2)
             self._used += 1
 
+    def try_acquire(self) -> bool:
+        with self._cond:
+            if self._limit is not None and self._used >= self._limit:
+                return False
+            self._used += 1
+            return True
+
     def release(self) -> None:
         with self._cond:
             self._used -= 1
@@ -162,7 +171,7 @@ class ParallelUnpacker:
         *,
         max_concurrent_downloads_per_image: int = 3,
         max_concurrent_unpacks_per_image: int = 2,
-        threaded_inflate: bool = True,
+        inflater: str = "isal-threaded",
     ) -> None:
         for value in (max_concurrent_downloads, max_concurrent_unpacks,
                       max_concurrent_downloads_per_image, max_concurrent_unpacks_per_image):
@@ -173,7 +182,7 @@ class ParallelUnpacker:
         self._per_image_limits = (max_concurrent_downloads_per_image,
                                   max_concurrent_unpacks_per_image)
         self._per_image: dict[str, tuple[_Slots, _Slots]] = {}
-        self._threaded = threaded_inflate
+        self._inflater = inflater
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -271,28 +280,42 @@ class ParallelUnpacker:
         image_dl, image_up = self._per_image[spec.image]
         spool: str | None = None
         stream: BinaryIO | None = None
+        unpack_slots: list[_Slots] = []
         try:
             with _held(image_dl, cancel), _held(self._downloads, cancel):
                 if cancel.is_set():
                     raise UnpackCancelledError(f"unpack of {spec.digest} cancelled")
                 stream = spec.open()
                 if not _is_local_file(stream):
+                    # With unpack slots free right now, unpack while downloading; else
+                    # download into a spool file so the network is not held up by unpacks.
+                    if image_up.try_acquire():
+                        unpack_slots.append(image_up)
+                        if self._unpacks.try_acquire():
+                            unpack_slots.append(self._unpacks)
+                    if len(unpack_slots) == 2:
+                        return self._unpack(spec, stream, cancel, verify=True)
+                    _release(unpack_slots)
                     spool = self._spool(spec, stream, cancel)
                     stream.close()
                     stream = open(spool, "rb")  # noqa: SIM115 - closed in finally
             with _held(image_up, cancel), _held(self._unpacks, cancel):
-                return unpack_stream(
-                    stream, spec.dest, media_type=spec.media_type, digest=spec.digest,
-                    diff_id=spec.diff_id, size=spec.size,
-                    verify_compressed=spool is None, cancel=cancel,
-                    threaded=self._threaded)
+                return self._unpack(spec, stream, cancel, verify=spool is None)
         finally:
+            _release(unpack_slots)
             if stream is not None:
                 with contextlib.suppress(Exception):
                     stream.close()
             if spool is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(spool)
+
+    def _unpack(self, spec: LayerSpec, stream: BinaryIO, cancel: threading.Event,
+                verify: bool) -> UnpackResult:
+        return unpack_stream(
+            stream, spec.dest, media_type=spec.media_type, digest=spec.digest,
+            diff_id=spec.diff_id, size=spec.size, verify_compressed=verify, cancel=cancel,
+            inflater=self._inflater)
 
     @staticmethod
     def _spool(spec: LayerSpec, stream: BinaryIO, cancel: threading.Event) -> str:
@@ -323,6 +346,11 @@ def _held(slots: _Slots, cancel: threading.Event) -> Any:
         yield
     finally:
         slots.release()
+
+
+def _release(held: list[_Slots]) -> None:
+    while held:
+        held.pop().release()
 
 
 def _is_local_file(stream: Any) -> bool:
