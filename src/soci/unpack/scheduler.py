@@ -241,6 +241,13 @@ class ParallelUnpacker:
             job = self._jobs.get(digest)
         return job is not None and job.future.done()
 
+    def forget(self, digest: str) -> None:
+        """Drop a finished layer's job (its result was claimed), so the layer can be
+        submitted again later; an unfinished job is cancelled first."""
+        self.cancel(digest)
+        with self._lock:
+            self._jobs.pop(digest, None)
+
     def cancel(self, digest: str) -> None:
         """Stop one layer's job (its waiter gets ``UnpackCancelledError``)."""
         with self._lock:
