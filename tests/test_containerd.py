@@ -133,3 +133,20 @@ def test_snapshotter_restart_keeps_snapshots(world: dict, generation: str,
                      namespace=CRI_NAMESPACE, check=False)
     finally:
         sn.close()
+
+
+def test_parallel_pull_unpack_of_an_image_without_index(world: dict, generation: str,
+                                                         tmp_path: Path) -> None:
+    image = f"{world['host']}/noindex:v1"
+    config = "[pull_modes.parallel_pull_unpack]\nenable = true\n"
+    with SnapshotterDaemon(tmp_path / "root", extra_config=config) as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        ctrd.cri_pull(image)
+        assert sn.logs().count("fetched and unpacked") == 3, sn.logs()
+        # containerd downloaded none of the layers: the snapshotter had them all.
+        content = ctrd.ctr("content", "ls", namespace=CRI_NAMESPACE).stdout
+        assert not [line for line in content.splitlines()
+                    if line.startswith(world["big"]["digest"])], content
+        out = ctrd.run(image, "sha256sum", *(f"/{p}" for p in READ), snapshotter="soci",
+                       namespace=CRI_NAMESPACE).stdout
+        assert out == EXPECTED
