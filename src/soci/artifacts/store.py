@@ -65,14 +65,17 @@ def secure_root(root: str | os.PathLike[str]) -> None:
 
 
 class RootLock:
-    """An exclusive ``flock`` on ``<root>/soci-store.lock`` holding the holder's pid.
+    """An exclusive ``flock`` on ``<root>/<name>`` (one per kind of daemon) holding the
+    holder's pid.
 
     The kernel drops the lock when the process dies (SIGKILL included), so a restart never
     finds a stale lock; the pid in the file only names the holder in the refusal.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.path = os.path.join(root, LOCK_NAME)
+    def __init__(self, root: str | os.PathLike[str], name: str = LOCK_NAME,
+                 holder: str = "soci-store") -> None:
+        self.path = os.path.join(root, name)
+        self.holder = holder  # who holds locks of this name, for the refusal
         self._fd: int | None = None
 
     def acquire(self) -> RootLock:
@@ -84,7 +87,7 @@ class RootLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise SociError(f"another soci-store (pid {holder}) is using the root "
+                raise SociError(f"another {self.holder} (pid {holder}) is using the root "
                                 f"{os.path.dirname(self.path)}") from None
             os.fchmod(fd, 0o600)
             os.ftruncate(fd, 0)

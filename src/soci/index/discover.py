@@ -109,9 +109,9 @@ class DiscoveryFlights:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], _Flight] = {}
+        self._running: dict[tuple[str, ...], _Flight] = {}
 
-    def run(self, key: tuple[str, str],
+    def run(self, key: tuple[str, ...],
             discover: Callable[[], Discovered | None]) -> Discovered | None:
         """``discover()``'s answer, computed once for all callers that overlap in time."""
         while True:
@@ -144,19 +144,38 @@ class DiscoveryFlights:
 def discover_index(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
                    manifest_desc: Descriptor, manifest: Manifest,
                    platform: str = "", flights: DiscoveryFlights | None = None,
-                   ) -> Discovered | None:
+                   named: str | None = None) -> Discovered | None:
     """The SOCI index for an image manifest, or None when there is none anywhere.
 
     With ``flights`` (a long-lived server keeps one per store), concurrent calls for the
-    same manifest and repository share one discovery and its answer or error.
+    same manifest and repository share one discovery and its answer or error. ``named``
+    is an index digest the client chose (upstream's ``soci.index.digest`` snapshot label):
+    it is used instead of the search, local or fetched from the image's repository, and
+    refused if it is an index of another manifest.
     """
     def discover() -> Discovered | None:
+        if named is not None:
+            return _named(store, client, ref, manifest_desc, platform, named)
         return _discover(store, client, ref, manifest_desc, manifest, platform)
 
     if flights is None:
         return discover()
     source = "" if client is None or ref is None else _source(ref)
-    return flights.run((manifest_desc.digest, source), discover)
+    return flights.run((manifest_desc.digest, source, named or ""), discover)
+
+
+def _named(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
+           manifest_desc: Descriptor, platform: str, digest: str) -> Discovered:
+    index = _local(store, digest)
+    if index is not None:
+        if index.subject is not None and index.subject.digest != manifest_desc.digest:
+            raise SociError(f"SOCI index {digest} is for {index.subject.digest}, "
+                            f"not {manifest_desc.digest}")
+        return Discovered(digest, index, "named by the client (local store)")
+    if client is None or ref is None:
+        raise SociError(f"SOCI index {digest} is not in the local store")
+    return Discovered(digest, _fetch(client, ref, store, digest, manifest_desc, platform),
+                      "named by the client")
 
 
 def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference | None,

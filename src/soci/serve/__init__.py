@@ -7,4 +7,6 @@ index, with its tree and span manager, and counts its users and evicts it when i
 HTTP. It sits above ``fs`` (tree, spans, caches) and ``index`` (discovery), below the front
 ends, and imports only downwards: ``metrics`` reads ``layers``, never the other way (the core
 reports registry errors through the small :class:`~soci.serve.layers.ErrorCounter` protocol).
+``mounts``, ``process`` and ``background`` hold what both daemons do alike: clean up a stale
+FUSE mount, log and notify systemd, fetch the rest of quiet layers.
 """

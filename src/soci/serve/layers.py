@@ -34,6 +34,7 @@ from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Manifest, Platform
 from soci.registry import Reference, RegistryClient
+from soci.registry.reference import validate_digest
 from soci.ztoc import decode
 from soci.ztoc.codec import check as check_ztoc
 
@@ -48,6 +49,17 @@ _UNCOMPRESSED = 0
 
 #: What a mounted layer serves: (layer digest, zTOC digest, diff ID, compression, size).
 LayerKey = tuple[str, str, str, int, int]
+
+
+#: Separates an image reference from the SOCI index a client named for it in a lookup name
+#: (a newline never occurs in a reference).
+_NAMED_INDEX = "\n"
+
+
+def lookup_name(ref: str, index_digest: str | None = None) -> str:
+    """What ``LayerManager.get`` takes as the image: the reference, and the SOCI index a
+    client named for it (containerd's ``soci.index.digest`` label), if any."""
+    return ref if not index_digest else f"{ref}{_NAMED_INDEX}{index_digest}"
 
 
 class ErrorCounter(Protocol):
@@ -215,8 +227,11 @@ class LayerManager:
 
     def _resolve(self, ref_text: str, key: str) -> Layer | None:
         """The layer for a compressed-blob digest or a TOC digest (see ANN_TOC_DIGEST)."""
+        ref_part, _, named = ref_text.partition(_NAMED_INDEX)
         try:
-            ref = Reference.parse(ref_text)
+            ref = Reference.parse(ref_part)
+            if named:
+                validate_digest(named)
         except ValueError as e:
             log.warning("image %r: not a valid reference (%s)", ref_text, e)
             return None
@@ -227,7 +242,7 @@ class LayerManager:
             position = next((i for i, layer in enumerate(manifest.layers)
                              if (layer.annotations or {}).get(mt.ANN_TOC_DIGEST) == key), None)
         found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform),
-                               self._discoveries)
+                               self._discoveries, named or None)
         if found is None:
             log.info("image %s: no SOCI index found; layer %s will be pulled normally", ref, key)
             return None

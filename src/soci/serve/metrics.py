@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,6 +43,9 @@ class Metrics:
         self._hist: dict[str, list[int]] = {}
         self._sums: dict[str, float] = {}
         self.registry_errors: dict[str, int] = {}
+        self.requests: dict[tuple[str, str], int] = {}  # the snapshotter's gRPC calls
+        #: the snapshotter's snapshots by kind (and "lazy"), read when scraped
+        self.snapshot_counts: Callable[[], dict[str, int]] | None = None
 
     @contextmanager
     def fuse_op(self, op: str) -> Iterator[None]:
@@ -67,6 +70,11 @@ class Metrics:
         with self._lock:
             key = str(status)
             self.registry_errors[key] = self.registry_errors.get(key, 0) + 1
+
+    def request(self, method: str, code: str) -> None:
+        with self._lock:
+            key = (method, code)
+            self.requests[key] = self.requests.get(key, 0) + 1
 
     def render(self, manager: LayerManager) -> str:
         out: list[str] = []
@@ -128,6 +136,15 @@ class Metrics:
         metric("soci_registry_errors_total", "counter",
                "Registry requests that failed, by HTTP status (or 'connection').",
                [(lab(status=s), n) for s, n in sorted(registry.items())])
+        with self._lock:
+            requests = dict(self.requests)
+        if requests or self.snapshot_counts is not None:
+            metric("soci_snapshotter_requests_total", "counter",
+                   "containerd's snapshots API calls, by method and gRPC status.",
+                   [(lab(method=m, code=c), n) for (m, c), n in sorted(requests.items())])
+        if self.snapshot_counts is not None:
+            metric("soci_snapshots", "gauge", "Snapshots held, by kind ('lazy': served lazily).",
+                   [(lab(kind=k), n) for k, n in sorted(self.snapshot_counts().items())])
         return "\n".join(out) + "\n"
 
 

@@ -9,17 +9,9 @@ background fetcher fills the rest of each layer after it has been quiet.
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 
 import click
 import pyfuse3
@@ -32,8 +24,11 @@ from soci.errors import SociError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_UMASK
 from soci.registry import CredentialStore, RegistryClient
+from soci.serve.background import BackgroundFetcher
 from soci.serve.layers import LayerManager
 from soci.serve.metrics import Metrics, serve_http
+from soci.serve.mounts import cleanup_stale_mount
+from soci.serve.process import sd_notify, setup_logging
 from soci.store.config import StoreConfig, load_store_config
 from soci.store.credentials import serve_credentials
 from soci.store.fs import StoreFS
@@ -42,168 +37,6 @@ from soci.store.fs import StoreFS
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:8091"
 
 log = logging.getLogger("soci.store")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": self.formatTime(record), "level": record.levelname.lower(),
-               "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            doc["error"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(level: str, as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter(
-        "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state, when started by it; otherwise nothing."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as e:
-        log.warning("sd_notify %s failed: %s", state, e)
-
-
-#: Seconds a mounted filesystem gets to answer statfs before we call it hung.
-PROBE_TIMEOUT = 5.0
-
-
-def _unescape(field: str) -> str:
-    """/proc/self/mountinfo writes space, tab, newline and backslash as ``\\ooo``."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_at(path: str) -> str | None:
-    """The filesystem type mounted exactly at ``path`` (the latest mount), or ``None``."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 5 or " - " not in line:
-                continue
-            if _unescape(fields[4]) == path:
-                found = line.split(" - ", 1)[1].split()[0]
-    return found
-
-
-def _target(mountpoint: str) -> str:
-    """The absolute path the kernel mounts ``mountpoint`` on, found without looking at a
-    mount there: stat'ing a dead FUSE mount fails (ENOTCONN) and a hung one blocks, so only
-    parents are resolved, and a symlink (never a mount point) is followed by hand."""
-    path = os.path.abspath(mountpoint)
-    for _ in range(40):  # the kernel's own limit on nested links
-        path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-        if mount_at(path) is not None:
-            return path
-        try:
-            link = os.readlink(path)
-        except OSError:
-            return path  # not a symlink, or missing (made next)
-        path = os.path.join(os.path.dirname(path), link)
-    return path
-
-
-def probe_mount(path: str, timeout: float = PROBE_TIMEOUT) -> str:
-    """``"stale"`` (a FUSE mount whose daemon is gone), ``"live"`` (it answers) or ``"hung"``.
-
-    statfs always goes to the filesystem (stat may be answered from the kernel's attribute
-    cache even on a dead FUSE mount); it runs on a thread so a hung daemon cannot hang us.
-    """
-    result: list[BaseException | None] = []
-
-    def statfs() -> None:
-        try:
-            os.statvfs(path)
-            result.append(None)
-        except OSError as e:
-            result.append(e)
-
-    thread = threading.Thread(target=statfs, name="soci-mount-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        return "hung"
-    error = result[0]
-    if isinstance(error, OSError) and error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-        return "stale"
-    return "live"
-
-
-def cleanup_stale_mount(mountpoint: str) -> None:
-    """Detach a dead mount at ``mountpoint`` (a crashed daemon leaves one: ENOTCONN).
-
-    A mount that answers is someone's live filesystem (another soci-store, most likely):
-    it is refused, never unmounted. So is one that does not answer in time: it may be a
-    stopped daemon that would come back.
-    """
-    target = _target(mountpoint)
-    fstype = mount_at(target)
-    if fstype is None:
-        try:
-            os.stat(target)
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-                return  # missing (created next) or not ours to judge: mounting will tell
-        state = "stale"  # a dead FUSE mount not listed under this path
-    else:
-        state = probe_mount(target)
-    if state == "live":
-        raise SociError(f"{target} is already mounted ({fstype}) and answering: another "
-                        "soci-store serving it? stop that one first")
-    if state == "hung":
-        raise SociError(f"{target} is mounted ({fstype}) but does not answer within "
-                        f"{PROBE_TIMEOUT:g} s (a stopped or hung soci-store?); stop its "
-                        f"daemon or unmount it with 'fusermount3 -u -z {target}'")
-    log.warning("cleaning up a stale mount at %s", target)
-    for command in (["fusermount3", "-u", "-z", target], ["umount", "-l", target]):
-        try:
-            if subprocess.run(command, capture_output=True, timeout=30).returncode == 0:
-                return
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    raise SociError(f"cannot clean up the stale mount at {target}")
-
-
-class BackgroundFetcher(threading.Thread):
-    """Fetches the spans no one has read yet, one at a time, in layers that have gone quiet."""
-
-    def __init__(self, manager: LayerManager, config: StoreConfig) -> None:
-        super().__init__(name="soci-background-fetch", daemon=True)
-        self.manager = manager
-        self.silence = config.background_fetch.silence_period_msec / 1000
-        self.period = config.background_fetch.fetch_period_msec / 1000
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.period):
-            for layer in self.manager.layers():
-                if time.monotonic() - layer.spans.last_access < self.silence:
-                    continue
-                missing = layer.spans.missing_spans()
-                if not missing:
-                    continue
-                try:
-                    layer.spans.prefetch(missing[0])
-                except SociError as e:
-                    log.warning("background fetch of layer %s: %s", layer.digest, e)
-                except Exception:
-                    log.exception("background fetch of layer %s failed", layer.digest)
-                if len(missing) == 1:
-                    log.info("layer %s: fully fetched in the background", layer.digest)
-                break
 
 
 def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
@@ -235,7 +68,8 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         pyfuse3.init(fs, mountpoint, options)
         stack.callback(pyfuse3.close, unmount=True)
         if not config.background_fetch.disable:
-            fetcher = BackgroundFetcher(manager, config)
+            fetcher = BackgroundFetcher(manager, config.background_fetch.silence_period_msec,
+                                        config.background_fetch.fetch_period_msec)
             fetcher.start()
             stack.callback(fetcher.stopped.set)
         if metrics_address:

@@ -224,8 +224,11 @@ class StoreFS(pyfuse3.Operations):
     def _lookup_root(self, name: bytes) -> pyfuse3.EntryAttributes:
         if name == b"pool":
             return self._getattr(self._new(pyfuse3.ROOT_INODE, name, _Synthetic("pool")))
+        # containers/storage names images in standard base64; the snapshotter, whose names
+        # must not hold a '/', in the URL-safe alphabet.
+        alphabet = b"-_" if b"-" in name or b"_" in name else b"+/"
         try:
-            ref = base64.b64decode(name, validate=True).decode()
+            ref = base64.b64decode(name, altchars=alphabet, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         ino = self._new(pyfuse3.ROOT_INODE, name, _Synthetic("refdir", ref))
