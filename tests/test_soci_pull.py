@@ -276,6 +276,30 @@ def test_blob_already_in_content_store_is_not_downloaded(ctrd: Containerd, regis
         == HELLO
 
 
+def test_blobs_of_another_namespace_are_shared_not_downloaded(
+        ctrd: Containerd, images: dict[str, str], ns: str) -> None:
+    """containerd shares blobs across namespaces: the second namespace's pull commits them
+    without sending (or downloading) a byte, as containerd's own client does."""
+    ref = images["app"]
+    soci_pull(ctrd, f"{ns}-first", "--snapshotter", OVERLAY, ref)
+    out = soci_pull(ctrd, ns, "--snapshotter", OVERLAY, ref).stdout
+    assert out.count("pulled (blob was in the content store)") == 2, out
+    assert "0 B downloaded" in out
+    assert content_labels(ctrd, ns) == content_labels(ctrd, f"{ns}-first")
+    assert ctrd.run(ref, "cat", "/file", snapshotter=OVERLAY, namespace=ns).stdout.encode() \
+        == HELLO
+
+
+def fresh_image(registry: Registry, tmp_path: Path) -> tuple[str, list[dict]]:
+    """An image no namespace has pulled yet (containerd shares blobs across namespaces, so a
+    test that needs the registry's bytes must not reuse another's): (repo:tag, layers)."""
+    name = f"fresh{uuid.uuid4().hex[:8]}"
+    written = write_image(tmp_path / name, "v1", [
+        busybox_layer(), files_layer({**DATA, "nonce": name.encode()})])
+    push_layout(tmp_path / name, registry.host, f"{name}:v1", tag="v1")
+    return f"{name}:v1", [{"digest": la.digest} for la in written.layers]
+
+
 def _nothing_left(ctrd: Containerd, ns: str) -> None:
     assert ctrd.ctr("images", "ls", "-q", namespace=ns).stdout.split() == []
     assert snapshots(ctrd, ns) == []
@@ -283,14 +307,11 @@ def _nothing_left(ctrd: Containerd, ns: str) -> None:
 
 
 def test_wrong_bytes_from_the_registry_are_refused(ctrd: Containerd, registry: Registry,
-                                                   images: dict[str, str], ns: str) -> None:
-    ref = images["app"]
-    layers = json.loads(subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-        check=True, capture_output=True).stdout)["layers"]
+                                                   tmp_path: Path, ns: str) -> None:
+    name, layers = fresh_image(registry, tmp_path)
     with FaultProxy(registry.host) as proxy:
         proxy.corrupt(1, match=f"/blobs/{layers[1]['digest']}")
-        bad = soci_pull(ctrd, ns, "--snapshotter", OVERLAY, f"{proxy.host}/app:v1", ok=False)
+        bad = soci_pull(ctrd, ns, "--snapshotter", OVERLAY, f"{proxy.host}/{name}", ok=False)
         assert proxy.injected("corrupt") == 1
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1, bad.stderr
     assert "content has digest" in bad.stderr and layers[1]["digest"] in bad.stderr
@@ -308,12 +329,9 @@ def test_config_lying_about_the_diff_id_is_refused(ctrd: Containerd, images: dic
 
 
 def test_interrupted_pull_leaves_no_snapshot(ctrd: Containerd, registry: Registry,
-                                             images: dict[str, str], ns: str) -> None:
+                                             tmp_path: Path, ns: str) -> None:
     """Ctrl-C while a layer downloads: the extract snapshot and the ingest are dropped."""
-    ref = images["app"]
-    layers = json.loads(subprocess.run(
-        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
-        check=True, capture_output=True).stdout)["layers"]
+    name, layers = fresh_image(registry, tmp_path)
     blob = f"/blobs/{layers[1]['digest']}"
     with FaultProxy(registry.host) as proxy:
         proxy.stall(1, 20, match=blob)
@@ -321,7 +339,7 @@ def test_interrupted_pull_leaves_no_snapshot(ctrd: Containerd, registry: Registr
         proc = subprocess.Popen(
             [sys.executable, "-m", "soci.cli", "--plain-http", "pull", "--address",
              ctrd.address, "--namespace", ns, "--snapshotter", OVERLAY,
-             f"{proxy.host}/app:v1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+             f"{proxy.host}/{name}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env=env)
         try:
             deadline = time.monotonic() + 60

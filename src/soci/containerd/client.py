@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import queue
 import secrets
 import socket
 import time
@@ -261,34 +262,50 @@ class Containerd:
                       labels: Mapping[str, str] | None = None) -> bool:
         """Stream a blob into the content store and commit it under ``desc``'s digest.
 
-        containerd checks size and digest at COMMIT. An exception raised by ``chunks``
-        (a registry serving wrong bytes) ends the stream without a COMMIT, aborts the
-        ingest and propagates. Returns False if containerd already had the blob.
+        The stream opens with STAT, as containerd's client does: when another namespace
+        already has the blob, containerd reports it fully written and only the COMMIT is sent
+        (``chunks`` is never started, so nothing is downloaded). containerd checks size and
+        digest at COMMIT. An exception raised by ``chunks`` (a registry serving wrong bytes)
+        ends the stream without a COMMIT, aborts the ingest and propagates. Returns False if
+        this namespace already had the blob (its labels are then left alone).
         """
         failure: list[BaseException] = []
+        stat: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+
+        def message(action: int, offset: int, **more: Any) -> content_pb2.WriteContentRequest:
+            return content_pb2.WriteContentRequest(action=action, ref=ref, total=desc.size,
+                                                   expected=desc.digest, offset=offset, **more)
 
         def requests() -> Iterator[content_pb2.WriteContentRequest]:
-            offset = 0
-            try:
-                for chunk in chunks:
-                    for i in range(0, len(chunk), WRITE_CHUNK):
-                        piece = chunk[i:i + WRITE_CHUNK]
-                        yield content_pb2.WriteContentRequest(
-                            action=content_pb2.WRITE, ref=ref, total=desc.size,
-                            expected=desc.digest, offset=offset, data=piece)
-                        offset += len(piece)
-            except BaseException as e:  # re-raised by write_content below
-                failure.append(e)
-                return
-            yield content_pb2.WriteContentRequest(
-                action=content_pb2.COMMIT, ref=ref, total=desc.size, expected=desc.digest,
-                offset=offset, labels=dict(labels or {}))
+            # Runs on gRPC's sending thread; the response loop below feeds ``stat``.
+            yield message(content_pb2.STAT, 0)
+            have = stat.get()
+            if have is None:
+                return  # the call failed before answering
+            # COMMIT must then name that offset: offset 0 would truncate the shared blob.
+            offset = have if have == desc.size else 0
+            if offset == 0:
+                try:
+                    for chunk in chunks:
+                        for i in range(0, len(chunk), WRITE_CHUNK):
+                            piece = chunk[i:i + WRITE_CHUNK]
+                            # Offset 0 first: containerd drops what a dead ingest left.
+                            yield message(content_pb2.WRITE, offset, data=piece)
+                            offset += len(piece)
+                except BaseException as e:  # re-raised by write_content below
+                    failure.append(e)
+                    return
+            yield message(content_pb2.COMMIT, offset, labels=dict(labels or {}))
 
         committed = False
         call = self._content.Write(requests(), metadata=self._metadata())
         try:
+            # Responses are read as they come (one per request): left unread, they would
+            # fill the flow-control window and stall a large blob's upload.
             for response in call:
-                if response.action == content_pb2.COMMIT:
+                if response.action == content_pb2.STAT:
+                    stat.put(response.offset if response.total == desc.size else 0)
+                elif response.action == content_pb2.COMMIT:
                     if response.digest != desc.digest:
                         raise ContainerdError(f"containerd: wrote {desc.digest} but it "
                                               f"committed {response.digest}")
@@ -303,6 +320,8 @@ class Containerd:
             call.cancel()  # Ctrl-C: stop the stream (no COMMIT was sent) and drop the ingest
             self.abort_content(ref)
             raise
+        finally:
+            stat.put(None)  # never leave the sending thread waiting
         if failure:
             self.abort_content(ref)
             raise failure[0]

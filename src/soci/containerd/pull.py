@@ -40,16 +40,19 @@ from soci.oci import boundedjson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Platform, check_digest
 from soci.registry import Reference, RegistryClient
+from soci.snapshotter import labels as lb
 
 DEFAULT_SNAPSHOTTER = "soci"
 
-# Snapshot labels a remote snapshotter reads (containerd pkg/snapshotters, soci fs/source).
-LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
-LABEL_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"
-LABEL_SOCI_INDEX_DIGEST = "containerd.io/snapshot/remote/soci.index.digest"
+# Snapshot labels a remote snapshotter reads (containerd pkg/snapshotters, soci fs/source);
+# the names our snapshotter reads them by, so both sides agree by construction.
+LABEL_SNAPSHOT_REF = lb.TARGET
+LABEL_IMAGE_REF = lb.IMAGE_REF
+LABEL_MANIFEST_DIGEST = lb.MANIFEST_DIGEST
+LABEL_LAYER_DIGEST = lb.LAYER_DIGEST
+LABEL_IMAGE_LAYERS = lb.IMAGE_LAYERS
+LABEL_SOCI_INDEX_DIGEST = lb.INDEX_DIGEST
+# Upstream's rpull also sends these two; our snapshotter does not need them.
 LABEL_SOCI_SIZE = "containerd.io/snapshot/remote/soci.size"
 LABEL_IMAGE_LAYERS_SIZE = "containerd.io/snapshot/remote/image.layers.size"
 
