@@ -11,6 +11,7 @@ APT_PACKAGES=(
   pigz libarchive-tools tar gzip zstd      # other tar and gzip writers the tests use
   busybox-static                           # a shell and tools inside test images
   podman skopeo buildah docker-registry runc fuse-overlayfs   # images, registry, podman
+  containerd                               # containerd 1.6 and ctr (tests start their own)
 )
 
 missing=()
@@ -22,6 +23,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Tests start private containerd daemons; the package's system-wide service must not run.
+  if [[ " ${missing[*]} " == *" containerd "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now containerd.service >/dev/null 2>&1 || true
+  fi
+fi
+
+# containerd 2.x (what current Kubernetes nodes run) from Debian sid, unpacked, NOT installed:
+# only its containerd, containerd-shim-runc-v2 and ctr binaries are used, from
+# .build/containerd-2/usr/bin (tests/containerdenv.py). A private APT_CONFIG keeps the sid
+# source away from the system's apt.
+if [ ! -x .build/containerd-2/usr/bin/containerd ]; then
+  bash ci/fetch-containerd-2.sh .build/containerd-2
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ def write_image(root: str | os.PathLike[str], tag: str,
             diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
             if compress == "gzip":
                 data = gzip.compress(layer, 6, mtime=0)
+            elif compress == "zstd":
+                data = subprocess.run(["zstd", "-q", "-c"], input=layer, check=True,
+                                      capture_output=True).stdout
+                mt = "application/vnd.oci.image.layer.v1.tar+zstd"
             else:
                 data, mt = layer, "application/vnd.oci.image.layer.v1.tar"
             item = WrittenLayer(_blob(root, data), diff_id, len(data), data, layer)

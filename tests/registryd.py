@@ -4,7 +4,8 @@ Everything here listens on 127.0.0.1 only and talks only to 127.0.0.1. Every wai
 every loop has a bound, so a broken registry fails a test instead of hanging it.
 
 * :class:`Registry` runs ``docker-registry serve`` (Debian's distribution 2.8) with a
-  temporary storage root, optionally behind htpasswd Basic auth or token auth.
+  temporary storage root (or a shared one), optionally behind htpasswd Basic auth or token
+  auth, optionally over TLS (and then optionally requiring client certificates).
 * :class:`TokenServer` issues RS256 JWTs the registry trusts, checking Basic credentials.
 * :class:`FaultProxy` sits in front of a registry and fails, drops or corrupts the next
   N matching requests, counting what it did.
@@ -66,6 +67,22 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes] | None, log: Path | None)
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer within {_START_TIMEOUT}s")
+
+
+def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll until something accepts on ``port`` (a TLS registry demanding client
+    certificates cannot be asked over HTTP without one)."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"registry exited with status {proc.returncode}: {tail}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not accept within {_START_TIMEOUT}s")
 
 
 # -- token server --------------------------------------------------------------------
@@ -241,7 +258,11 @@ class Registry:
     """``docker-registry serve`` on a free loopback port with its own storage root.
 
     ``htpasswd`` (user -> password) turns on Basic auth; ``token`` (a running
-    :class:`TokenServer`) turns on token auth. Stopped (and its storage removed) on exit.
+    :class:`TokenServer`) turns on token auth. ``tls`` (certificate and key PEM files)
+    serves HTTPS, and ``client_cas`` (CA PEM files) then requires client certificates
+    they signed. ``storage`` serves an existing storage root (another registry's
+    ``root``: same content, another port) and leaves it in place. Stopped (and its own
+    storage removed) on exit.
     """
 
     def __init__(
@@ -250,14 +271,21 @@ class Registry:
         htpasswd: dict[str, str] | None = None,
         token: TokenServer | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
+        client_cas: list[str | os.PathLike[str]] | None = None,
+        storage: str | os.PathLike[str] | None = None,
     ) -> None:
         if shutil.which(REGISTRY_BINARY) is None:
             raise RuntimeError(f"{REGISTRY_BINARY} not found (Debian package docker-registry)")
+        if client_cas and tls is None:
+            raise ValueError("client_cas needs tls")
         self._htpasswd = htpasswd
         self._token = token
+        self._tls = tls
+        self._client_cas = client_cas
         self._tmp = tempfile.TemporaryDirectory(prefix="soci-registry-", dir=workdir)
         self.dir = Path(self._tmp.name)
-        self.root = self.dir / "storage"
+        self.root = Path(storage) if storage is not None else self.dir / "storage"
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -267,7 +295,7 @@ class Registry:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self._tls else 'http'}://{self.host}"
 
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -280,6 +308,14 @@ class Registry:
             },
             "http": {"addr": self.host, "secret": "soci-test-secret"},
         }
+        if self._tls is not None:
+            tls: dict[str, Any] = {
+                "certificate": os.fspath(self._tls[0]),
+                "key": os.fspath(self._tls[1]),
+            }
+            if self._client_cas:
+                tls["clientcas"] = [os.fspath(p) for p in self._client_cas]
+            config["http"]["tls"] = tls
         if self._htpasswd is not None:
             path = self.dir / "htpasswd"
             lines = [htpasswd_line(u, p) for u, p in self._htpasswd.items()]
@@ -312,7 +348,10 @@ class Registry:
                     stdin=subprocess.DEVNULL,
                 )
             try:
-                _wait_http(f"{self.url}/v2/", self._proc, log)
+                if self._tls is not None:
+                    _wait_tcp(self.port, self._proc, log)
+                else:
+                    _wait_http(f"{self.url}/v2/", self._proc, log)
                 return self
             except RuntimeError as e:
                 last_error = e

@@ -6,6 +6,10 @@ keys are read; the file may hold the snapshotter's other sections too.
 
     root = "/var/lib/soci-snapshotter-grpc"   # the local store
     plain_http = false                         # allow HTTP to every registry
+
+    [registry]
+    config_path = "/etc/containerd/certs.d"    # containerd's hosts directories ("a:b" for
+                                               # several); default: that one, if it exists
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ DEFAULT_CONFIG = "/etc/soci-snapshotter-grpc/config.toml"
 class Config:
     root: str = DEFAULT_ROOT
     plain_http: bool = False
+    hosts_dir: str | None = None  # None: /etc/containerd/certs.d when it exists
 
 
 def read_config_file(path: str | None = None) -> dict[str, Any]:
@@ -50,4 +55,8 @@ def load_config(path: str | None = None) -> Config:
     plain_http = doc.get("plain_http", config.plain_http)
     if not isinstance(root, str) or not isinstance(plain_http, bool):
         raise SociError(f"config file {path}: 'root' must be a string, 'plain_http' a boolean")
-    return Config(root, plain_http)
+    registry = doc.get("registry", {})
+    hosts_dir = registry.get("config_path") if isinstance(registry, dict) else None
+    if not isinstance(registry, dict) or not isinstance(hosts_dir, str | None):
+        raise SociError(f"config file {path}: [registry] config_path must be a string")
+    return Config(root, plain_http, hosts_dir or None)

@@ -34,7 +34,8 @@ class App:
     @property
     def client(self) -> RegistryClient:
         if self._client is None:
-            self._client = RegistryClient(plain_http=self.config.plain_http)
+            self._client = RegistryClient(plain_http=self.config.plain_http,
+                                          hosts_dir=self.config.hosts_dir)
         return self._client
 
     def close(self) -> None:

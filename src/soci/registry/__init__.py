@@ -3,7 +3,8 @@
 ``client.RegistryClient`` is the facade; beneath it ``transport`` (pools, scheme, retries,
 redirects, bounded reads), ``tokens`` (challenges, bearer tokens), ``session`` (endpoints,
 authenticated requests, errors, paging) and the API modules ``manifests``, ``blobs``,
-``uploads`` and ``referrers``; ``auth`` reads credentials, ``config`` registries.conf.
+``uploads`` and ``referrers``; ``auth`` reads credentials, ``config`` registries.conf,
+``hosts`` containerd's hosts.toml and the certs.d directories.
 
 >>> from soci.registry import Reference, RegistryClient
 >>> ref = Reference.parse("alpine")            # docker.io/library/alpine:latest
@@ -36,6 +37,7 @@ from soci.registry.config import (
     RegistryEntry,
     default_registries_conf_path,
 )
+from soci.registry.hosts import HostsConfigError, RegistryHosts, TLSConfig
 from soci.registry.reference import DOCKER_HUB, Reference, validate_digest
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "Credentials",
     "Descriptor",
     "Endpoint",
+    "HostsConfigError",
     "Manifest",
     "Mirror",
     "PushedManifest",
@@ -59,6 +62,8 @@ __all__ = [
     "RegistriesConfError",
     "RegistryClient",
     "RegistryEntry",
+    "RegistryHosts",
+    "TLSConfig",
     "default_auth_files",
     "default_registries_conf_path",
     "digest_of",

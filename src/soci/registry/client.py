@@ -33,6 +33,10 @@ Behaviour worth knowing:
   back to plain HTTP if that fails; the choice is remembered per host. ``Authorization``
   never follows a redirect (or an upload Location) to another host, nor from HTTPS down
   to plain HTTP.
+* **Host directories.** containerd's ``hosts.toml`` directories (``hosts_dir``) and
+  podman's ``certs.d`` directories (``certs_dirs``) add per-host CAs, client
+  certificates, ``skip_verify``, schemes, headers and mirrors with capabilities; see
+  :mod:`soci.registry.hosts` for the layouts and the precedence over registries.conf.
 * **Errors.** Everything a user can cause ends in a one-line :class:`~soci.errors.SociError`
   subclass naming the reference, the HTTP status and the registry's error code, never a
   credential.
@@ -41,7 +45,7 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
 from soci import __version__
@@ -52,6 +56,7 @@ from soci.registry import referrers as refs
 from soci.registry.auth import CredentialInput, CredentialStore
 from soci.registry.blobs import BlobReader
 from soci.registry.config import RegistriesConf
+from soci.registry.hosts import RegistryHosts
 from soci.registry.manifests import (
     DEFAULT_ACCEPT,
     MAX_MANIFEST_SIZE,
@@ -113,11 +118,18 @@ class RegistryClient:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_backoff: float = 10.0,
         max_retry_time: float = 120.0,
+        hosts_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+        certs_dirs: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         """
         ``registries_conf``: a parsed :class:`RegistriesConf`, a path to read, or ``None``
         to read the default file on first use. ``credentials``: a :class:`CredentialStore`,
         or a mapping of registry host to credentials consulted before the auth files.
+        ``hosts_dir``: containerd host directory root(s) (``hosts.toml`` per registry
+        host; a string may list several separated by ``:``, like containerd's
+        ``config_path``); ``None`` reads ``/etc/containerd/certs.d`` if it exists, an
+        empty list none. ``certs_dirs``: containers ``certs.d`` roots; ``None`` means
+        podman's defaults, an empty list none (see :mod:`soci.registry.hosts`).
         ``retries`` bounds attempts after the first, ``backoff`` is the first delay
         (doubling, capped at ``max_backoff``) and ``max_retry_time`` bounds the total time
         one request spends retrying.
@@ -136,7 +148,13 @@ class RegistryClient:
         if not isinstance(credentials, CredentialStore):
             credentials = CredentialStore(credentials)
         self._auth = Authenticator(self._transport, credentials)
-        self._session = Session(self._transport, self._auth, registries_conf, chunk_size)
+        self._session = Session(
+            self._transport,
+            self._auth,
+            registries_conf,
+            chunk_size,
+            RegistryHosts(hosts_dir, certs_dirs),
+        )
 
     # -- settings (read-only: fixed at construction) -------------------------------------
 
@@ -190,6 +208,12 @@ class RegistryClient:
         """The registries.conf in force (read on first use when not given)."""
         return self._session.registries_conf
 
+    @property
+    def hosts(self) -> RegistryHosts:
+        """The host directories in force (each host's read on first use)."""
+        assert self._session.hosts is not None
+        return self._session.hosts
+
     # -- manifests -----------------------------------------------------------------------
 
     def get_manifest(
@@ -225,7 +249,9 @@ class RegistryClient:
         """All tags of the reference's repository, following ``Link`` pagination
         (``page_size`` asks the registry for pages of that many tags)."""
         session = self._session
-        return session.on_endpoints(ref, lambda t: manifests.list_tags(session, t, page_size))
+        return session.on_endpoints(
+            ref, lambda t: manifests.list_tags(session, t, page_size), "resolve"
+        )
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -234,7 +260,7 @@ class RegistryClient:
         validate_digest(digest)
         session = self._session
         return session.on_endpoints(
-            ref, lambda t: blobs.blob_exists(session, t, digest, push=False)
+            ref, lambda t: blobs.blob_exists(session, t, digest, push=False), "pull"
         )
 
     def get_blob(self, ref: Reference, digest: str, *, size: int) -> bytes:
@@ -248,7 +274,9 @@ class RegistryClient:
         if size < 0:
             raise ValueError(f"invalid blob size {size}")
         session = self._session
-        return session.on_endpoints(ref, lambda t: blobs.get_blob(session, t, digest, size))
+        return session.on_endpoints(
+            ref, lambda t: blobs.get_blob(session, t, digest, size), "pull"
+        )
 
     def open_blob(
         self, ref: Reference, digest: str, *, size: int | None = None, verify: bool = True
@@ -265,7 +293,7 @@ class RegistryClient:
             raise ValueError(f"invalid blob size {size}")
         session = self._session
         return session.on_endpoints(
-            ref, lambda t: blobs.open_blob(session, t, digest, size, verify)
+            ref, lambda t: blobs.open_blob(session, t, digest, size, verify), "pull"
         )
 
     def get_blob_range(self, ref: Reference, digest: str, start: int, end: int) -> bytes:
@@ -284,7 +312,7 @@ class RegistryClient:
             return b""
         session = self._session
         return session.on_endpoints(
-            ref, lambda t: blobs.get_blob_range(session, t, digest, start, end)
+            ref, lambda t: blobs.get_blob_range(session, t, digest, start, end), "pull"
         )
 
     def push_blob(

@@ -17,6 +17,10 @@ Everything else (search registries, short-name aliases, ...) is ignored: soci on
 takes fully qualified references after :class:`~soci.registry.reference.Reference`
 normalisation.
 
+How each registry host named here is then reached (CAs, client certificates, schemes,
+containerd ``hosts.toml`` mirrors) is up to the host directories of
+:mod:`soci.registry.hosts`, which also says which wins where both speak of one host.
+
 Where the file comes from: ``$CONTAINERS_REGISTRIES_CONF``, else the rootless user's
 ``~/.config/containers/registries.conf`` if it exists, else
 ``/etc/containers/registries.conf``. A missing file means "no configuration".
@@ -29,12 +33,22 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from soci.errors import RegistryError, SociError
 from soci.registry.reference import Reference, normalize_registry
 
+if TYPE_CHECKING:
+    from soci.registry.hosts import TLSConfig
+
 SYSTEM_REGISTRIES_CONF = Path("/etc/containers/registries.conf")
+#: What a registry host may be asked for (containerd's host capabilities, see
+#: :mod:`soci.registry.hosts`): blobs and manifests by digest, manifests by tag, pushes,
+#: referrers listings.
+ALL_CAPABILITIES = frozenset({"pull", "resolve", "push", "referrers"})
+#: A registries.conf mirror: read from, never pushed to nor asked for referrers (which
+#: stay with the primary location, as before host directories existed).
+MIRROR_CAPABILITIES = frozenset({"pull", "resolve"})
 
 
 class RegistriesConfError(SociError):
@@ -77,12 +91,25 @@ class RegistryEntry:
 @dataclass(frozen=True)
 class Endpoint:
     """A concrete place to talk to: the registry host, the repository there, and whether
-    plain HTTP / unverified TLS is allowed for it."""
+    plain HTTP / unverified TLS is allowed for it.
+
+    The fields after ``mirror`` come from a host directory (:mod:`soci.registry.hosts`):
+    ``scheme`` (``None``: HTTPS, or probed when ``insecure``), ``tls`` (CA files, client
+    certificate, ``skip_verify``), ``api_root`` (what ``/v2`` becomes), extra ``headers``,
+    the ``capabilities`` of the host, ``namespace`` (the registry a mirror stands in for,
+    sent as ``?ns=``) and the ``source`` file that said so."""
 
     registry: str
     repository: str
     insecure: bool = False
     mirror: bool = False
+    scheme: str | None = None
+    tls: TLSConfig | None = None
+    api_root: str = "/v2"
+    headers: tuple[tuple[str, str], ...] = ()
+    capabilities: frozenset[str] = ALL_CAPABILITIES
+    namespace: str | None = None
+    source: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -228,7 +255,10 @@ class RegistriesConf:
         if use_mirrors:
             for mirror in entry.mirrors:
                 registry, repository = _split_name(entry.rewrite(ref.name, mirror.location))
-                result.append(Endpoint(registry, repository, mirror.insecure, mirror=True))
+                caps = frozenset({"pull"}) if entry.mirror_by_digest_only else MIRROR_CAPABILITIES
+                result.append(
+                    Endpoint(registry, repository, mirror.insecure, mirror=True, capabilities=caps)
+                )
         registry, repository = _split_name(entry.rewrite(ref.name, entry.location))
         result.append(Endpoint(registry, repository, entry.insecure))
         return result

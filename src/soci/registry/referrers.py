@@ -38,11 +38,16 @@ def referrers(
     """Descriptors of the manifests whose ``subject`` is ``subject_digest``, from the
     API or else the referrers tag (see :meth:`RegistryClient.referrers`)."""
     validate_digest(subject_digest)
-    target = session.read_target(ref)
-    found = _referrers_api(session, target, subject_digest, artifact_type)
-    if found is None:
-        found = _referrers_from_tag(session, target, subject_digest, artifact_type)
-    return found
+
+    def from_target(target: Target) -> list[dict[str, Any]]:
+        found = _referrers_api(session, target, subject_digest, artifact_type)
+        if found is None:
+            found = _referrers_from_tag(session, target, subject_digest, artifact_type)
+        return found
+
+    # Hosts with the ``referrers`` capability: hosts.toml mirrors allowing it, then the
+    # primary (registries.conf mirrors never have it: see soci.registry.config).
+    return session.on_endpoints(ref, from_target, "referrers")
 
 
 def add_referrer(

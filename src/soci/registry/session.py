@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from soci.errors import DigestMismatchError, NotFoundError, RegistryError
 from soci.oci import boundedjson
-from soci.registry.config import RegistriesConf
+from soci.registry.config import Endpoint, RegistriesConf
+from soci.registry.hosts import RegistryHosts
 from soci.registry.reference import Reference
 from soci.registry.tokens import Authenticator
 from soci.registry.transport import (
@@ -47,8 +48,8 @@ def too_large(target: Target, what: str, size: int) -> DigestMismatchError:
 
 
 class Session:
-    """One client's transport, authentication, registries.conf and the facts learnt about
-    registries; thread-safe."""
+    """One client's transport, authentication, registries.conf, host directories and the
+    facts learnt about registries; thread-safe."""
 
     def __init__(
         self,
@@ -56,10 +57,13 @@ class Session:
         auth: Authenticator,
         registries_conf: RegistriesConf | str | os.PathLike[str] | None,
         chunk_size: int,
+        hosts: RegistryHosts | None = None,
     ) -> None:
         self.transport = transport
         self.auth = auth
         self.chunk_size = chunk_size
+        #: Host directories (hosts.toml, certs.d); ``None``: none are read.
+        self.hosts = hosts
         self._conf_source = registries_conf
         self._conf: RegistriesConf | None = (
             registries_conf if isinstance(registries_conf, RegistriesConf) else None
@@ -88,16 +92,46 @@ class Session:
         with self._lock:
             self._no_referrers_api.add((target.host, target.repository))
 
-    def read_target(self, ref: Reference) -> Target:
-        return Target(ref, self.registries_conf.endpoints(ref)[-1])
+    def endpoints(
+        self, ref: Reference, capability: str, *, for_push: bool = False
+    ) -> list[Endpoint]:
+        """Where to go for ``ref``, in order: registries.conf's endpoints (mirrors, then
+        the primary), each expanded by its host directory, keeping those with
+        ``capability`` (``pull``, ``resolve``, ``push`` or ``referrers``).
+
+        Raises :class:`RegistryError` when none is left (a hosts.toml allowing nobody
+        to resolve tags, say)."""
+        endpoints = self.registries_conf.endpoints(ref, for_push=for_push)
+        if self.hosts is not None:
+            endpoints = [e for endpoint in endpoints for e in self.hosts.expand(endpoint)]
+        usable = [e for e in endpoints if capability in e.capabilities]
+        if not usable:
+            sources = sorted({e.source for e in endpoints if e.source})
+            where = f" (see {', '.join(sources)})" if sources else ""
+            raise RegistryError(
+                f"{ref}: no host configured for {ref.registry} has the "
+                f"{capability!r} capability{where}"
+            )
+        return usable
+
+    def read_target(self, ref: Reference, capability: str = "pull") -> Target:
+        """The primary endpoint for reads (the last one able to)."""
+        return Target(ref, self.endpoints(ref, capability)[-1])
 
     def push_target(self, ref: Reference) -> Target:
-        return Target(ref, self.registries_conf.endpoints(ref, for_push=True)[-1])
+        """Where pushes go: the first endpoint with the ``push`` capability (containerd's
+        rule; without host directories, registries.conf's primary location)."""
+        return Target(ref, self.endpoints(ref, "push", for_push=True)[0])
 
-    def on_endpoints(self, ref: Reference, action: Callable[[Target], _T]) -> _T:
+    def on_endpoints(
+        self, ref: Reference, action: Callable[[Target], _T], capability: str | None = None
+    ) -> _T:
         """Run ``action`` on each mirror in turn, then on the primary location; mirror
-        failures fall through to the next endpoint."""
-        endpoints = self.registries_conf.endpoints(ref)
+        failures fall through to the next endpoint. Only endpoints with ``capability``
+        are used (default: ``resolve`` for a reference without digest, else ``pull``)."""
+        if capability is None:
+            capability = "pull" if ref.digest is not None else "resolve"
+        endpoints = self.endpoints(ref, capability)
         for endpoint in endpoints[:-1]:
             try:
                 return action(Target(ref, endpoint))
@@ -131,12 +165,16 @@ class Session:
         ``limit`` bytes from that offset.
         """
         base = self.transport.base_url(target)
-        url = urllib.parse.urljoin(base + "/", path_or_url)
+        url = urllib.parse.urljoin(base + "/", self._api_path(target.endpoint, path_or_url))
         same_host = may_carry_credentials(base, url)
         auth_retried = False
         # At most: the first try, and one more after learning or renewing credentials.
         for _ in range(2):
-            request_headers = {"User-Agent": self.transport.user_agent, **(headers or {})}
+            request_headers = {
+                "User-Agent": self.transport.user_agent,
+                **dict(target.endpoint.headers),
+                **(headers or {}),
+            }
             if same_host:
                 authorization = self.auth.authorization(target, push)
                 if authorization is not None:
@@ -152,6 +190,7 @@ class Session:
                 limit=limit,
                 range_start=range_start,
                 label=target.label,
+                tls=target.endpoint.tls,
             )
             if resp.status == 401 and not auth_retried and same_host:
                 resp.discard()
@@ -162,6 +201,20 @@ class Session:
                 raise self.auth.auth_error(resp, target, push)
             return resp
         raise self.auth.auth_error(resp, target, push)
+
+    @staticmethod
+    def _api_path(endpoint: Endpoint, path_or_url: str) -> str:
+        """An API path (``/v2/...``) as the endpoint serves it: under its API root (a
+        host directory's path or ``override_path``) and, for a mirror of another
+        registry, with ``ns=<registry>`` (containerd's hint for multi-registry mirrors).
+        URLs (links, upload locations) are left alone: the registry wrote them."""
+        if not path_or_url.startswith("/v2/"):
+            return path_or_url
+        path = endpoint.api_root.rstrip("/") + path_or_url[len("/v2") :]
+        if endpoint.namespace:
+            separator = "&" if "?" in path else "?"
+            path += separator + urllib.parse.urlencode({"ns": endpoint.namespace})
+        return path
 
     def error(self, resp: Response, target: Target, what: str) -> Exception:
         """The exception for an unexpected answer: NotFoundError for 404s, else RegistryError."""
@@ -229,6 +282,9 @@ class Session:
             if what == "referrers" and not isinstance(page.get("manifests", []), list):
                 raise NoReferrersApi
             url = _next_link(resp.headers.get("Link"))
+            if url is not None:
+                # Resolved here so the link is used as the registry wrote it (see _api_path).
+                url = urllib.parse.urljoin(self.transport.base_url(target) + "/", url)
             yield page
             del page  # not held while the next page is fetched
 

@@ -198,7 +198,11 @@ class Authenticator:
         if (
             creds is not None
             and not realm.startswith("https://")
-            and not (self._transport.plain_http or target.endpoint.insecure)
+            and not (
+                self._transport.plain_http
+                or target.endpoint.insecure
+                or target.endpoint.scheme == "http"
+            )
         ):
             # A secure registry pointing us at a plain-HTTP realm would leak the password.
             raise AuthError(
@@ -219,6 +223,7 @@ class Authenticator:
             label=target.label,
             limit=_MAX_TOKEN_BODY,
             https_only=True,
+            tls=target.endpoint.tls,
         )
         if resp.status in (401, 403):
             who = f"the credentials for {target.endpoint.registry}" if creds else "anonymous access"

@@ -16,12 +16,16 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import urllib3
 
 from soci.errors import RegistryError
 from soci.registry.config import Endpoint
 from soci.registry.reference import Reference, api_host_of
+
+if TYPE_CHECKING:
+    from soci.registry.hosts import TLSConfig
 
 _MAX_REDIRECTS = 5
 #: How much of an answer whose body is only read for its message (errors, upload replies).
@@ -200,7 +204,8 @@ class Target:
 
 class Transport:
     """Sends requests for one client: pooled connections (one pool for verified TLS and
-    plain HTTP, one for unverified TLS), the scheme per host, retries within a budget.
+    plain HTTP, one for unverified TLS, one per host-directory TLS setting), the scheme per
+    host, retries within a budget.
 
     Thread-safe; ``sleep`` is how it waits between retries.
     """
@@ -225,6 +230,8 @@ class Transport:
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         self._pool = urllib3.PoolManager(num_pools=16, maxsize=8)
         self._insecure_pool: urllib3.PoolManager | None = None
+        #: Pools for hosts with TLS settings, by (settings, verify).
+        self._tls_pools: dict[tuple[TLSConfig, bool], urllib3.PoolManager] = {}
         self._lock = threading.Lock()
         self._schemes: dict[str, str] = {}
         self.sleep: Callable[[float], None] = time.sleep
@@ -234,22 +241,36 @@ class Transport:
         self._pool.clear()
         if self._insecure_pool is not None:
             self._insecure_pool.clear()
+        with self._lock:
+            pools = list(self._tls_pools.values())
+        for pool in pools:
+            pool.clear()
 
     def base_url(self, target: Target) -> str:
-        """``scheme://host`` for the target (see the module docstring on scheme choice)."""
+        """``scheme://host`` for the target: plain HTTP with ``plain_http``; else the
+        scheme a host directory states (``http`` with TLS settings, on a port other than
+        80, probes HTTPS first as containerd does); else HTTPS, probed with a fallback to
+        plain HTTP when registries.conf says ``insecure`` (see the client's docstring)."""
         host = target.host
+        endpoint = target.endpoint
         if self.plain_http:
             return f"http://{host}"
-        if not target.endpoint.insecure:
+        if endpoint.scheme == "https":
+            return f"https://{host}"
+        if endpoint.scheme == "http":
+            port = "" if host.endswith("]") else host.rpartition(":")[2]
+            if endpoint.tls is None or port == "80":
+                return f"http://{host}"
+        elif not endpoint.insecure:
             return f"https://{host}"
         with self._lock:
             scheme = self._schemes.get(host)
         if scheme is None:
             scheme = "https"
             try:
-                probe = self.pool_for(True).request(
+                probe = self.pool_for(endpoint.insecure, endpoint.tls).request(
                     "GET",
-                    f"https://{host}/v2/",
+                    f"https://{host}{endpoint.api_root}/",
                     headers={"User-Agent": self.user_agent},
                     retries=False,
                     redirect=False,
@@ -263,7 +284,24 @@ class Transport:
                 self._schemes[host] = scheme
         return f"{scheme}://{host}"
 
-    def pool_for(self, insecure: bool) -> urllib3.PoolManager:
+    def pool_for(self, insecure: bool, tls: TLSConfig | None = None) -> urllib3.PoolManager:
+        """The pool for HTTPS to a host: its TLS settings (verification off when
+        ``insecure`` or ``skip_verify``), else the shared verified or unverified pool."""
+        if tls is not None:
+            verify = tls.verifies and not insecure
+            with self._lock:
+                pool = self._tls_pools.get((tls, verify))
+            if pool is None:
+                context = tls.ssl_context(verify=verify)  # HostsConfigError: bad files
+                options: dict[str, object] = {"ssl_context": context}
+                if not verify:
+                    options.update(cert_reqs="CERT_NONE", assert_hostname=False)
+                    urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+                with self._lock:
+                    pool = self._tls_pools.setdefault(
+                        (tls, verify), urllib3.PoolManager(num_pools=16, maxsize=8, **options)
+                    )
+            return pool
         if not insecure:
             return self._pool
         with self._lock:
@@ -298,19 +336,21 @@ class Transport:
         limit: int = MAX_ERROR_BODY,
         range_start: int | None = None,
         https_only: bool = False,
+        tls: TLSConfig | None = None,
     ) -> Response:
         """One HTTP exchange with transport/429/5xx retries and redirects followed; the
         body is read as :meth:`soci.registry.session.Session.request` describes.
 
         ``https_only``: refuse a redirect from HTTPS down to plain HTTP whatever the
-        request (token requests: what comes back is a credential too)."""
+        request (token requests: what comes back is a credential too). ``tls``: the
+        host's TLS settings (from a host directory), used for every HTTPS leg."""
         deadline = time.monotonic() + self.max_retry_time
         host = urllib.parse.urlsplit(url).netloc
         path = urllib.parse.urlsplit(url).path
         for attempt in range(self.retries + 1):
             last = attempt >= self.retries
             try:
-                raw = self._send(method, url, headers, body, insecure, label, https_only)
+                raw = self._send(method, url, headers, body, insecure, label, https_only, tls)
                 resp = Response(raw)
                 if method == "HEAD":
                     resp.body = b""
@@ -323,8 +363,15 @@ class Transport:
                 # Other answers keep their body unread: ``resp.data`` takes 64 KiB at most.
             except (urllib3.exceptions.HTTPError, OSError) as e:
                 if isinstance(e, urllib3.exceptions.SSLError):
+                    hint = ""
+                    if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                        hint = (" (to trust a private CA: `ca` in the host's hosts.toml, or a"
+                                " *.crt in its certs.d directory)")
+                    elif "BAD_CERTIFICATE" in str(e) or "CERTIFICATE_REQUIRED" in str(e):
+                        hint = (" (does it want a client certificate? `client` in the host's"
+                                " hosts.toml, or *.cert + *.key in its certs.d directory)")
                     raise RegistryError(
-                        f"{label}: TLS error talking to {host}: {one_line(str(e), 160)}"
+                        f"{label}: TLS error talking to {host}: {one_line(str(e), 160)}{hint}"
                     ) from None
                 delay = self.delay(attempt, None)
                 if idempotent and not last and time.monotonic() + delay <= deadline:
@@ -366,6 +413,7 @@ class Transport:
         insecure: bool,
         label: str,
         https_only: bool,
+        tls: TLSConfig | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send with redirects followed; ``Authorization`` is dropped for good at the first
         redirect to another host or from HTTPS to plain HTTP (see may_carry_credentials).
@@ -376,7 +424,8 @@ class Transport:
         small compressed answer cannot inflate into a large one."""
         headers = dict(headers)
         for _ in range(_MAX_REDIRECTS + 1):
-            pool = self.pool_for(insecure and url.startswith("https:"))
+            https = url.startswith("https:")
+            pool = self.pool_for(insecure and https, tls if https else None)
             if body is not None:
                 headers["Content-Length"] = str(len(body))
             raw = pool.request(

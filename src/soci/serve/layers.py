@@ -144,6 +144,16 @@ class Layer:
         self.blob_bytes_fetched += n
 
 
+@dataclass(frozen=True, slots=True)
+class ImageLayers:
+    ref: Reference
+    manifest_desc: Descriptor
+    manifest: Manifest
+    diff_ids: list[str]
+    #: digests of the layers with a zTOC in the image's SOCI index; None: no index at all
+    lazy: set[str] | None
+
+
 class LayerManager:
     def __init__(self, store: LocalStore, client: RegistryClient, memory: MemoryCache,
                  disk: DiskCache | None, platform: Platform | None = None,
@@ -191,6 +201,19 @@ class LayerManager:
                 del self._absent[old]
             self._images[key] = (now, image.desc, image.manifest, ids)
         return image.desc, image.manifest, ids
+
+    def image(self, ref_text: str) -> ImageLayers:
+        """The manifest, diff IDs and lazily servable layers of the image ``ref_text`` (a
+        ``lookup_name``) names: what a front end needs to handle its other layers itself."""
+        ref_part, _, named = ref_text.partition(_NAMED_INDEX)
+        ref = Reference.parse(ref_part)
+        if named:
+            validate_digest(named)
+        desc, manifest, ids = self._image(ref)
+        found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform),
+                               self._discoveries, named or None)
+        lazy = None if found is None else {ztoc_layer(z)[0] for z in found.index.ztocs()}
+        return ImageLayers(ref, desc, manifest, ids, lazy)
 
     def get(self, ref_text: str, key: str) -> Layer | None:
         """The layer for a blob or TOC digest, or None when it is not served lazily."""

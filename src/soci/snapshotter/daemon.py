@@ -76,7 +76,8 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         cleanup_stale_mount(mountpoint)
         make_dirs(mountpoint, PRIVATE_DIR)
         store = stack.enter_context(LocalStore(root))
-        client = RegistryClient(plain_http=store_cfg.plain_http, retries=store_cfg.max_retries,
+        client = RegistryClient(plain_http=store_cfg.plain_http, hosts_dir=store_cfg.hosts_dir,
+                                retries=store_cfg.max_retries,
                                 timeout=store_cfg.fetching_timeout_sec,
                                 credentials=CredentialStore(),
                                 backoff=store_cfg.min_wait_msec / 1000,

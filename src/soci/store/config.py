@@ -47,6 +47,7 @@ class BackgroundFetch:
 class StoreConfig:
     root: str
     plain_http: bool = False
+    hosts_dir: str | None = None
     background_fetch: BackgroundFetch = field(default_factory=BackgroundFetch)
     fetching_timeout_sec: float = 300.0
     max_retries: int = 5
@@ -74,7 +75,7 @@ def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any) 
 def load_store_config(path: str | None = None) -> StoreConfig:
     base = load_config(path)
     doc = read_config_file(path)
-    cfg = StoreConfig(base.root, base.plain_http)
+    cfg = StoreConfig(base.root, base.plain_http, base.hosts_dir)
     bf = cfg.background_fetch
     bf.disable = _get(doc, "background_fetch", "disable", bool, bf.disable)
     bf.silence_period_msec = _get(doc, "background_fetch", "silence_period_msec", int,

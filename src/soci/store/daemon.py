@@ -51,7 +51,8 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         os.makedirs(mountpoint, exist_ok=True)
         store = stack.enter_context(LocalStore(config.root))
         keychain = CredentialStore()
-        client = RegistryClient(plain_http=config.plain_http, retries=config.max_retries,
+        client = RegistryClient(plain_http=config.plain_http, hosts_dir=config.hosts_dir,
+                                retries=config.max_retries,
                                 timeout=config.fetching_timeout_sec, credentials=keychain,
                                 backoff=config.min_wait_msec / 1000,
                                 max_backoff=config.max_wait_msec / 1000)
