@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def run_reads(ctrd: Containerd, image: str, namespace: str | None = None) -> str
                     namespace=namespace).stdout
 
 
+def reconnected(ctrd: Containerd) -> str:
+    """``ctr snapshots ls`` once containerd's proxy connection is back (it redials the
+    restarted snapshotter with gRPC's backoff)."""
+    deadline = time.monotonic() + 60
+    while True:
+        listed = ctrd.ctr("snapshots", "--snapshotter", "soci", "ls",
+                          namespace=CRI_NAMESPACE, check=False)
+        if listed.returncode == 0 or time.monotonic() > deadline:
+            assert listed.returncode == 0, listed.stderr
+            return listed.stdout
+        time.sleep(0.5)
+
+
 @pytest.fixture(params=GENERATIONS)
 def generation(request: pytest.FixtureRequest) -> str:
     reason = containerd_available(request.param)
@@ -110,8 +124,7 @@ def test_snapshotter_restart_keeps_snapshots(world: dict, generation: str,
                      namespace=CRI_NAMESPACE)
             sn.stop(9)
             sn.start()
-            listed = ctrd.ctr("snapshots", "--snapshotter", "soci", "ls",
-                              namespace=CRI_NAMESPACE).stdout
+            listed = reconnected(ctrd)
             assert "kept" in listed and listed.count("Committed") == 3, listed
             assert run_reads(ctrd, image, CRI_NAMESPACE) == EXPECTED
             ctrd.ctr("containers", "rm", "kept", namespace=CRI_NAMESPACE)
@@ -120,3 +133,20 @@ def test_snapshotter_restart_keeps_snapshots(world: dict, generation: str,
                      namespace=CRI_NAMESPACE, check=False)
     finally:
         sn.close()
+
+
+def test_parallel_pull_unpack_of_an_image_without_index(world: dict, generation: str,
+                                                         tmp_path: Path) -> None:
+    image = f"{world['host']}/noindex:v1"
+    config = "[pull_modes.parallel_pull_unpack]\nenable = true\n"
+    with SnapshotterDaemon(tmp_path / "root", extra_config=config) as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        ctrd.cri_pull(image)
+        assert sn.logs().count("fetched and unpacked") == 3, sn.logs()
+        # containerd downloaded none of the layers: the snapshotter had them all.
+        content = ctrd.ctr("content", "ls", namespace=CRI_NAMESPACE).stdout
+        assert not [line for line in content.splitlines()
+                    if line.startswith(world["big"]["digest"])], content
+        out = ctrd.run(image, "sha256sum", *(f"/{p}" for p in READ), snapshotter="soci",
+                       namespace=CRI_NAMESPACE).stdout
+        assert out == EXPECTED

@@ -175,6 +175,7 @@ class LayerManager:
         # layer mounted for one image is never found by digest for another image.
         self._aliases: dict[tuple[str, str], LayerKey] = {}
         self._images: dict[str, tuple[float, Descriptor, Manifest, list[str]]] = {}
+        self._image_layers: dict[str, tuple[float, ImageLayers]] = {}
 
     def layers(self) -> list[Layer]:
         with self._lock:
@@ -205,6 +206,10 @@ class LayerManager:
     def image(self, ref_text: str) -> ImageLayers:
         """The manifest, diff IDs and lazily servable layers of the image ``ref_text`` (a
         ``lookup_name``) names: what a front end needs to handle its other layers itself."""
+        with self._lock:
+            cached = self._image_layers.get(ref_text)
+        if cached is not None and time.monotonic() - cached[0] < RECHECK_SEC:
+            return cached[1]
         ref_part, _, named = ref_text.partition(_NAMED_INDEX)
         ref = Reference.parse(ref_part)
         if named:
@@ -213,7 +218,13 @@ class LayerManager:
         found = discover_index(self.store, self.client, ref, desc, manifest, str(self.platform),
                                self._discoveries, named or None)
         lazy = None if found is None else {ztoc_layer(z)[0] for z in found.index.ztocs()}
-        return ImageLayers(ref, desc, manifest, ids, lazy)
+        answer = ImageLayers(ref, desc, manifest, ids, lazy)
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, v in self._image_layers.items() if now - v[0] >= RECHECK_SEC]:
+                del self._image_layers[old]
+            self._image_layers[ref_text] = (now, answer)
+        return answer
 
     def get(self, ref_text: str, key: str) -> Layer | None:
         """The layer for a blob or TOC digest, or None when it is not served lazily."""

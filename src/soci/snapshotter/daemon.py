@@ -34,6 +34,7 @@ from soci.serve.metrics import Metrics, serve_http
 from soci.serve.mounts import cleanup_stale_mount
 from soci.serve.process import sd_notify, setup_logging
 from soci.snapshotter.config import SnapshotterConfig, load_snapshotter_config
+from soci.snapshotter.local import LocalLayers
 from soci.snapshotter.remote import RemoteLayers
 from soci.snapshotter.service import SnapshotsService
 from soci.snapshotter.snapshots import Snapshots
@@ -94,7 +95,9 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         pyfuse3.init(fs, mountpoint, options)
         stack.callback(pyfuse3.close, unmount=True)
         lazy = RemoteLayers(manager, mountpoint)
-        snapshots = Snapshots(root, lazy)
+        local = LocalLayers(manager, root, config.parallel)
+        stack.callback(local.close)
+        snapshots = Snapshots(root, lazy, local)
         stack.callback(snapshots.close)
         removed = snapshots.cleanup()
         if removed:
