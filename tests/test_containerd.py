@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,3 +151,42 @@ def test_parallel_pull_unpack_of_an_image_without_index(world: dict, generation:
         out = ctrd.run(image, "sha256sum", *(f"/{p}" for p in READ), snapshotter="soci",
                        namespace=CRI_NAMESPACE).stdout
         assert out == EXPECTED
+
+
+def soci_pull(ctrd: Containerd, image: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "pull",
+                           "--address", ctrd.address, "--namespace", ctrd.namespace, *args,
+                           image], capture_output=True, text=True, check=True).stdout
+
+
+def test_soci_pull_is_lazy_and_runs(world: dict, generation: str, tmp_path: Path) -> None:
+    image = f"{world['host']}/app:v1"
+    with SnapshotterDaemon(tmp_path / "root") as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        before = served(world)
+        out = soci_pull(ctrd, image)
+        assert "lazy" in out, out
+        assert run_reads(ctrd, image) == EXPECTED
+        fetched = served(world) - before
+        assert 0 < fetched < world["big"]["size"] / 2, fetched
+        assert "mounted lazily" in sn.logs()
+        # Removing the image and its snapshots releases the lazy layer.
+        ctrd.ctr("images", "rm", "--sync", image)
+        snapshots = ctrd.ctr("snapshots", "--snapshotter", "soci", "ls").stdout
+        assert "Committed" not in snapshots, snapshots
+
+
+def test_soci_pull_with_a_named_index(world: dict, generation: str, tmp_path: Path) -> None:
+    image = f"{world['host']}/app:v1"
+    index = soci(world["tmp"] / "build", "index", "list", "-q").split()[0]
+    with SnapshotterDaemon(tmp_path / "root") as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        soci_pull(ctrd, image, "--soci-index-digest", index)
+        assert f"SOCI index {index} found in named by the client" in sn.logs()
+        assert run_reads(ctrd, image) == EXPECTED
+    # An index that is not there: the image is still pulled, normally.
+    with SnapshotterDaemon(tmp_path / "root2") as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        soci_pull(ctrd, image, "--soci-index-digest", "sha256:" + "0" * 64)
+        assert "mounted lazily" not in sn.logs()
+        assert run_reads(ctrd, image) == EXPECTED
