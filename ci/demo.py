@@ -3,7 +3,8 @@
 Starts a docker-registry on loopback, builds an image (busybox + a ~100 MB layer
 of this machine's /usr/lib), pushes it with skopeo, creates and pushes its SOCI
 index with ``soci``, mounts ``soci-store``, runs a podman container that reads a
-few files, and prints how many bytes of the image were fetched.
+few files, and prints how many bytes of the image were fetched; then the same image
+through containerd with ``soci-snapshotter-grpc``, ``soci pull`` and ``ctr run``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent / "bench")]
 
 from bench_lazy_start import write_layout  # noqa: E402
+from containerdenv import Containerd  # noqa: E402
 from podmanenv import Podman  # noqa: E402
 from registryd import Registry  # noqa: E402
+from snapshotterenv import SnapshotterDaemon  # noqa: E402
 from storeenv import StoreDaemon  # noqa: E402
 
 
@@ -74,8 +77,23 @@ def main() -> None:
             total = sum(layer["size"] for layer in manifest["layers"])
             encoded = base64.b64encode(ref.encode()).decode()
             print(f"\nlayer store path used by podman: {store.mountpoint}/{encoded}/<digest>/diff")
-        step(f"done in {took:.1f} s: fetched {fetched / 1e6:.1f} MB of the image's "
+        step(f"podman done in {took:.1f} s: fetched {fetched / 1e6:.1f} MB of the image's "
              f"{total / 1e6:.0f} MB ({fetched / total:.1%}) to run the container")
+
+        step("containerd: soci-snapshotter-grpc as its proxy snapshotter; soci pull + ctr run")
+        with SnapshotterDaemon(tmp / "snapshotter-root") as sn, Containerd(
+                "1.6", soci_socket=sn.address, registry_hosts=[reg.host]) as ctrd:
+            start = time.perf_counter()
+            subprocess.run([soci, "--plain-http", "pull", "--address", ctrd.address,
+                            "--namespace", ctrd.namespace, ref], check=True)
+            out = ctrd.run(ref, "sh", "-c", f"cat {paths} | sha256sum", snapshotter="soci",
+                           timeout=600).stdout
+            took = time.perf_counter() - start
+            print(out.strip())
+            fetched = sum(p.stat().st_size for p in
+                          (tmp / "snapshotter-root" / "cache" / "spans").iterdir())
+        step(f"containerd done in {took:.1f} s: fetched {fetched / 1e6:.1f} MB of the lazy "
+             f"layer to run the container")
 
 
 if __name__ == "__main__":
