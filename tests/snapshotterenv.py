@@ -24,14 +24,14 @@ _live: set[SnapshotterDaemon] = set()
 class SnapshotterDaemon:
     """The snapshotter on ``root`` listening on ``<root>.sock``; stopped with SIGTERM."""
 
-    def __init__(self, root: Path, *, extra_config: str = "",
+    def __init__(self, root: Path, *, extra_config: str = "", plain_http: bool = True,
                  extra_args: tuple[str, ...] = ()) -> None:
         self.root = root
         self.address = str(root.parent / f"{root.name}-snapshotter.sock")
         self.mountpoint = root / "snapshotter" / "lazy"
         self.config = root.parent / f"{root.name}-snapshotter.toml"
         self.config.write_text(
-            f'root = "{root}"\nplain_http = true\n'
+            f'root = "{root}"\nplain_http = {str(plain_http).lower()}\n'
             "[background_fetch]\ndisable = true\n" + extra_config)
         self.log = root.parent / f"{root.name}-snapshotter.log"
         self.metrics_address = f"127.0.0.1:{free_port()}"

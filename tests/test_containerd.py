@@ -85,7 +85,14 @@ def generation(request: pytest.FixtureRequest) -> str:
 
 def test_cri_pull_is_lazy_and_runs(world: dict, generation: str, tmp_path: Path) -> None:
     image = f"{world['host']}/app:v1"
-    with SnapshotterDaemon(tmp_path / "root") as sn, Containerd(
+    # The snapshotter reaches the plain-HTTP registry as containerd users configure it: a
+    # hosts.toml in a certs.d directory ([registry] config_path), not --plain-http.
+    hosts = tmp_path / "certs.d" / world["host"]
+    hosts.mkdir(parents=True)
+    (hosts / "hosts.toml").write_text(f'server = "http://{world["host"]}"\n')
+    config = f'[registry]\nconfig_path = "{tmp_path / "certs.d"}"\n'
+    with SnapshotterDaemon(tmp_path / "root", plain_http=False, extra_config=config) as sn, \
+            Containerd(
             generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
         before = served(world)
         ctrd.cri_pull(image)
