@@ -188,11 +188,14 @@ def test_matches_gnu_tar(tmp_path: Path, fmt: str) -> None:
 def test_docker_media_type_and_existing_empty_dest(tmp_path: Path) -> None:
     blob = Blob(make_tar([(ti("f"), b"data")]))
     dest = tmp_path / "fs"
-    dest.mkdir(mode=0o711)
-    os.chmod(dest, 0o711)
+    dest.mkdir()
+    os.chown(dest, 0, 5)
+    os.chmod(dest, 0o2711)  # setgid: what is created inside inherits group 5 ...
     unpack(blob, dest, media_type=DOCKER_GZ)
     assert (dest / "f").read_bytes() == b"data"
-    assert stat.S_IMODE(dest.stat().st_mode) == 0o711  # takes the place of the empty dir
+    assert (dest / "f").stat().st_gid == 0  # ... unless set back to the tar's owner
+    st = dest.stat()  # the staging root took the place of the empty dir, like it
+    assert stat.S_IMODE(st.st_mode) == 0o2711 and st.st_gid == 5
 
 
 def overlay_view(tmp_path: Path, lowers: list[Path]) -> Iterator[Path]:
