@@ -358,6 +358,18 @@ def test_nul_in_pax_name_is_refused(tmp_path: Path) -> None:
     assert_clean(dest)
 
 
+@pytest.mark.parametrize("kind", [b"x", b"L", b"g"])
+def test_oversized_records_are_refused_unread(tmp_path: Path, kind: bytes) -> None:
+    """A pax or long-name record claiming 1 GiB is refused before anything is buffered."""
+    header = ti("huge", kind)
+    header.size = 1 << 30
+    tar = header.tobuf(tarfile.USTAR_FORMAT) + b"k" * 4096
+    dest = tmp_path / "fs"
+    with pytest.raises(CorruptLayerError, match="1073741824 bytes"):
+        unpack(Blob(tar), dest)
+    assert_clean(dest)
+
+
 def test_corrupt_header_checksum(tmp_path: Path) -> None:
     tar = bytearray(make_tar([(ti("f"), b"x")]))
     tar[0] ^= 1
@@ -404,6 +416,11 @@ def test_non_empty_destination_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnpackError, match="not empty"):
         unpack(Blob(make_tar([(ti("f"), b"x")])), dest)
     assert os.listdir(dest) == ["keep"]
+    with pytest.raises(UnpackError, match="Not a directory"):
+        unpack(Blob(make_tar([(ti("f"), b"x")])), dest / "keep" / "fs")
+    with pytest.raises(UnpackError, match="No such file"):
+        unpack(Blob(make_tar([(ti("f"), b"x")])), tmp_path / "missing" / "fs")
+    assert sorted(os.listdir(tmp_path)) == ["fs"] and os.listdir(dest) == ["keep"]
 
 
 def test_unpack_file_from_local_blob(tmp_path: Path) -> None:

@@ -468,10 +468,13 @@ def unpack_stream(
             raise UnpackCancelledError(f"unpack of {digest} cancelled")
 
     dest = os.path.abspath(dest)
-    with contextlib.suppress(FileNotFoundError):
-        if os.listdir(dest):
-            raise UnpackError(f"unpack destination {dest} is not empty")
-    staging = staging_dir(dest)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if os.listdir(dest):
+                raise UnpackError(f"unpack destination {dest} is not empty")
+        staging = staging_dir(dest)
+    except OSError as e:
+        raise UnpackError(f"cannot unpack into {dest}: {e.strerror or e}") from None
     raw = HashingReader(stream, digest if verify_compressed else None, size, check)
     inflated: Any = None
     root_fd = -1
