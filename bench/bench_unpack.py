@@ -189,16 +189,22 @@ def bench_unpack(
     }
     contenders.update(extra or {})
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    out = os.path.join(out_root or workdir, "soci-bench-unpack-out")
-    for _ in range(repeat):
-        for name, fn in contenders.items():  # interleaved: noise hits every contender
-            shutil.rmtree(out, ignore_errors=True)
-            os.mkdir(out)
-            os.sync()
-            start = time.perf_counter()
-            fn(layer_set, out)
-            times[name].append(time.perf_counter() - start)
-    shutil.rmtree(out, ignore_errors=True)
+    # Outputs are removed only at the end: deleting a tree on a filesystem mounted with
+    # ``discard`` (as here) slows the journal for a while and would tax the next run.
+    outs = os.path.join(out_root or workdir, "soci-bench-unpack-out")
+    shutil.rmtree(outs, ignore_errors=True)
+    os.mkdir(outs)
+    try:
+        for r in range(repeat):
+            for n, (name, fn) in enumerate(contenders.items()):  # interleaved: shared noise
+                out = os.path.join(outs, f"{r}-{n}")
+                os.mkdir(out)
+                os.sync()
+                start = time.perf_counter()
+                fn(layer_set, out)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(outs, ignore_errors=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[baseline]
     for name, seconds in medians.items():
