@@ -488,6 +488,49 @@ def test_parallel_unpacker_from_registry(tmp_path: Path, registry: Registry,
         assert names == ([] if i == 2 else ["fs"])
 
 
+def test_chunked_downloads_from_registry(tmp_path: Path, registry: Registry) -> None:
+    """concurrent_download_chunk_size: ranged requests in parallel into the spool; a
+    corrupted or short chunk fails that layer only, by digest, leaving nothing."""
+    blobs = [layer_blob(10 + i, files=60) for i in range(4)]
+    ref = Reference.parse(f"{registry.host}/unpack/chunked:v1")
+    calls: list[tuple[int, int]] = []
+    with RegistryClient(plain_http=True, registries_conf=RegistriesConf()) as client:
+        for b in blobs:
+            client.push_blob(ref, b.digest, b.data)
+
+        def ranged(b: Blob, damage: str) -> object:
+            def fetch(start: int, end: int) -> bytes:
+                calls.append((start, end))
+                data = client.get_blob_range(ref, b.digest, start, end)
+                if damage == "flip" and start > 0:
+                    return bytes([data[0] ^ 1]) + data[1:]
+                if damage == "short" and end == len(b.data):
+                    return data[:-1]
+                return data
+            return fetch
+
+        damages = ["", "flip", "", "short"]
+        specs = [LayerSpec(b.digest, len(b.data), GZ, b.diff_id, str(tmp_path / f"fs{i}"),
+                           lambda: pytest.fail("chunked layers must not open a stream"),
+                           image="img", fetch_range=ranged(b, damages[i]))  # type: ignore
+                 for i, b in enumerate(blobs)]
+        config = ParallelPullConfig.from_toml({"concurrent_download_chunk_size": "4kb",
+                                               "max_concurrent_downloads_per_image": 3})
+        with ParallelUnpacker.from_config(config) as unpacker:
+            unpacker.submit_all(specs)
+            for i, spec in enumerate(specs):
+                if damages[i]:
+                    with pytest.raises(LayerDigestError):
+                        unpacker.wait(spec.digest)
+                else:
+                    assert unpacker.wait(spec.digest).entries == 61
+    assert all(end - start <= 4096 for start, end in calls)
+    assert len(calls) >= sum(len(b.data) // 4096 for b in blobs)
+    assert sorted(os.listdir(tmp_path)) == ["fs0", "fs2"]
+    assert (tmp_path / "fs2" / "l12" / "f59").read_bytes() == (
+        hashlib.sha256(b"12-59").digest() * 3000)
+
+
 def test_parallel_unpacker_local_files_and_errors(tmp_path: Path) -> None:
     blobs = [layer_blob(i, files=5) for i in range(3)]
     specs = []
