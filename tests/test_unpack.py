@@ -435,12 +435,16 @@ def test_unpack_file_from_local_blob(tmp_path: Path) -> None:
 # -- the scheduler ---------------------------------------------------------------------
 
 
-def layer_blob(seed: int, files: int = 30) -> Blob:
+def layer_blob(seed: int, files: int = 30, noise: int = 0) -> Blob:
+    """A layer of ``files`` compressible files, plus an incompressible one of ``noise``
+    bytes (so that a trickled download of it takes minutes, not seconds)."""
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = [(ti(f"l{seed}", tarfile.DIRTYPE),
                                                             None)]
     for i in range(files):
         data = hashlib.sha256(f"{seed}-{i}".encode()).digest() * (50 * (i + 1))
         entries.append((ti(f"l{seed}/f{i}"), data))
+    if noise:
+        entries.append((ti(f"l{seed}/noise"), os.urandom(noise)))
     return Blob(make_tar(entries))
 
 
@@ -573,7 +577,7 @@ class SlowStream:
 
 
 def test_close_cancels_and_cleans(tmp_path: Path) -> None:
-    blob = layer_blob(7, files=200)
+    blob = layer_blob(7, files=20, noise=256 << 10)
     release = threading.Event()
     streams: list[SlowStream] = []
 
@@ -624,7 +628,7 @@ def test_downloads_spool_while_unpack_slots_are_busy(tmp_path: Path, finish: str
     """With the only unpack slot taken by a slow layer, the next layer is downloaded into
     a spool file (digest checked) and unpacked from it once the slot frees up; closing
     the unpacker instead removes the spool and staging files."""
-    slow_blob, fast_blob = layer_blob(1, files=100), layer_blob(2, files=10)
+    slow_blob, fast_blob = layer_blob(1, files=100, noise=256 << 10), layer_blob(2, files=10)
     release = threading.Event()
     slow: list[SlowStream] = []
     fast: list[RemoteLike] = []
@@ -655,7 +659,7 @@ def test_downloads_spool_while_unpack_slots_are_busy(tmp_path: Path, finish: str
         assert len(spooled) == 1 and not unpacker.done(fast_spec.digest)
         if finish == "release":
             release.set()
-            assert unpacker.wait(slow_spec.digest).entries == 101
+            assert unpacker.wait(slow_spec.digest).entries == 102
             assert unpacker.wait(fast_spec.digest).entries == 11
             assert os.listdir(a) == ["fs"] and os.listdir(b) == ["fs"]
         else:
