@@ -168,11 +168,13 @@ def bench_unpack(
     unpacks_per_image: int = 2,
     extra: dict[str, Callable[[list[BenchLayer], str], None]] | None = None,
     baseline: str = "tar -xzf",
+    out_root: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Median seconds of each contender (``extra`` ones included), printed with their
     ratio to ``baseline``. A contender is ``fn(layers, out_dir)`` and must leave the
-    unpacked layers under ``out_dir`` (which exists and is empty)."""
+    unpacked layers under ``out_dir`` (which exists and is empty). ``out_root`` is where
+    the layers are unpacked (default ``workdir``; a tmpfs there measures CPU, not disk)."""
     layer_set = make_layers(workdir, tar_bytes, layers)
     total = sum(layer.tar_bytes for layer in layer_set)
     log(f"{len(layer_set)} layers, {total / 1e6:.0f} MB tar, "
@@ -187,16 +189,22 @@ def bench_unpack(
     }
     contenders.update(extra or {})
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    out = os.path.join(workdir, "out")
-    for _ in range(repeat):
-        for name, fn in contenders.items():  # interleaved: noise hits every contender
-            shutil.rmtree(out, ignore_errors=True)
-            os.mkdir(out)
-            os.sync()
-            start = time.perf_counter()
-            fn(layer_set, out)
-            times[name].append(time.perf_counter() - start)
-    shutil.rmtree(out, ignore_errors=True)
+    # Outputs are removed only at the end: deleting a tree on a filesystem mounted with
+    # ``discard`` (as here) slows the journal for a while and would tax the next run.
+    outs = os.path.join(out_root or workdir, "soci-bench-unpack-out")
+    shutil.rmtree(outs, ignore_errors=True)
+    os.mkdir(outs)
+    try:
+        for r in range(repeat):
+            for n, (name, fn) in enumerate(contenders.items()):  # interleaved: shared noise
+                out = os.path.join(outs, f"{r}-{n}")
+                os.mkdir(out)
+                os.sync()
+                start = time.perf_counter()
+                fn(layer_set, out)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(outs, ignore_errors=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians[baseline]
     for name, seconds in medians.items():
@@ -213,11 +221,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--unpacks-per-image", type=int, default=2)
+    parser.add_argument("--out-root", help="unpack under this directory (default: workdir)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (owners and devices are restored)")
     bench_unpack(args.workdir, tar_bytes=args.tar_bytes, layers=args.layers,
-                 repeat=args.repeat, unpacks_per_image=args.unpacks_per_image)
+                 repeat=args.repeat, unpacks_per_image=args.unpacks_per_image,
+                 out_root=args.out_root)
 
 
 if __name__ == "__main__":

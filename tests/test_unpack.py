@@ -188,11 +188,14 @@ def test_matches_gnu_tar(tmp_path: Path, fmt: str) -> None:
 def test_docker_media_type_and_existing_empty_dest(tmp_path: Path) -> None:
     blob = Blob(make_tar([(ti("f"), b"data")]))
     dest = tmp_path / "fs"
-    dest.mkdir(mode=0o711)
-    os.chmod(dest, 0o711)
+    dest.mkdir()
+    os.chown(dest, 0, 5)
+    os.chmod(dest, 0o2711)  # setgid: what is created inside inherits group 5 ...
     unpack(blob, dest, media_type=DOCKER_GZ)
     assert (dest / "f").read_bytes() == b"data"
-    assert stat.S_IMODE(dest.stat().st_mode) == 0o711  # takes the place of the empty dir
+    assert (dest / "f").stat().st_gid == 0  # ... unless set back to the tar's owner
+    st = dest.stat()  # the staging root took the place of the empty dir, like it
+    assert stat.S_IMODE(st.st_mode) == 0o2711 and st.st_gid == 5
 
 
 def overlay_view(tmp_path: Path, lowers: list[Path]) -> Iterator[Path]:
@@ -355,6 +358,18 @@ def test_nul_in_pax_name_is_refused(tmp_path: Path) -> None:
     assert_clean(dest)
 
 
+@pytest.mark.parametrize("kind", [b"x", b"L", b"g"])
+def test_oversized_records_are_refused_unread(tmp_path: Path, kind: bytes) -> None:
+    """A pax or long-name record claiming 1 GiB is refused before anything is buffered."""
+    header = ti("huge", kind)
+    header.size = 1 << 30
+    tar = header.tobuf(tarfile.USTAR_FORMAT) + b"k" * 4096
+    dest = tmp_path / "fs"
+    with pytest.raises(CorruptLayerError, match="1073741824 bytes"):
+        unpack(Blob(tar), dest)
+    assert_clean(dest)
+
+
 def test_corrupt_header_checksum(tmp_path: Path) -> None:
     tar = bytearray(make_tar([(ti("f"), b"x")]))
     tar[0] ^= 1
@@ -401,6 +416,11 @@ def test_non_empty_destination_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnpackError, match="not empty"):
         unpack(Blob(make_tar([(ti("f"), b"x")])), dest)
     assert os.listdir(dest) == ["keep"]
+    with pytest.raises(UnpackError, match="Not a directory"):
+        unpack(Blob(make_tar([(ti("f"), b"x")])), dest / "keep" / "fs")
+    with pytest.raises(UnpackError, match="No such file"):
+        unpack(Blob(make_tar([(ti("f"), b"x")])), tmp_path / "missing" / "fs")
+    assert sorted(os.listdir(tmp_path)) == ["fs"] and os.listdir(dest) == ["keep"]
 
 
 def test_unpack_file_from_local_blob(tmp_path: Path) -> None:
@@ -415,12 +435,16 @@ def test_unpack_file_from_local_blob(tmp_path: Path) -> None:
 # -- the scheduler ---------------------------------------------------------------------
 
 
-def layer_blob(seed: int, files: int = 30) -> Blob:
+def layer_blob(seed: int, files: int = 30, noise: int = 0) -> Blob:
+    """A layer of ``files`` compressible files, plus an incompressible one of ``noise``
+    bytes (so that a trickled download of it takes minutes, not seconds)."""
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = [(ti(f"l{seed}", tarfile.DIRTYPE),
                                                             None)]
     for i in range(files):
         data = hashlib.sha256(f"{seed}-{i}".encode()).digest() * (50 * (i + 1))
         entries.append((ti(f"l{seed}/f{i}"), data))
+    if noise:
+        entries.append((ti(f"l{seed}/noise"), os.urandom(noise)))
     return Blob(make_tar(entries))
 
 
@@ -468,6 +492,49 @@ def test_parallel_unpacker_from_registry(tmp_path: Path, registry: Registry,
         assert names == ([] if i == 2 else ["fs"])
 
 
+def test_chunked_downloads_from_registry(tmp_path: Path, registry: Registry) -> None:
+    """concurrent_download_chunk_size: ranged requests in parallel into the spool; a
+    corrupted or short chunk fails that layer only, by digest, leaving nothing."""
+    blobs = [layer_blob(10 + i, files=60) for i in range(4)]
+    ref = Reference.parse(f"{registry.host}/unpack/chunked:v1")
+    calls: list[tuple[int, int]] = []
+    with RegistryClient(plain_http=True, registries_conf=RegistriesConf()) as client:
+        for b in blobs:
+            client.push_blob(ref, b.digest, b.data)
+
+        def ranged(b: Blob, damage: str) -> object:
+            def fetch(start: int, end: int) -> bytes:
+                calls.append((start, end))
+                data = client.get_blob_range(ref, b.digest, start, end)
+                if damage == "flip" and start > 0:
+                    return bytes([data[0] ^ 1]) + data[1:]
+                if damage == "short" and end == len(b.data):
+                    return data[:-1]
+                return data
+            return fetch
+
+        damages = ["", "flip", "", "short"]
+        specs = [LayerSpec(b.digest, len(b.data), GZ, b.diff_id, str(tmp_path / f"fs{i}"),
+                           lambda: pytest.fail("chunked layers must not open a stream"),
+                           image="img", fetch_range=ranged(b, damages[i]))  # type: ignore
+                 for i, b in enumerate(blobs)]
+        config = ParallelPullConfig.from_toml({"concurrent_download_chunk_size": "4kb",
+                                               "max_concurrent_downloads_per_image": 3})
+        with ParallelUnpacker.from_config(config) as unpacker:
+            unpacker.submit_all(specs)
+            for i, spec in enumerate(specs):
+                if damages[i]:
+                    with pytest.raises(LayerDigestError):
+                        unpacker.wait(spec.digest)
+                else:
+                    assert unpacker.wait(spec.digest).entries == 61
+    assert all(end - start <= 4096 for start, end in calls)
+    assert len(calls) >= sum(len(b.data) // 4096 for b in blobs)
+    assert sorted(os.listdir(tmp_path)) == ["fs0", "fs2"]
+    assert (tmp_path / "fs2" / "l12" / "f59").read_bytes() == (
+        hashlib.sha256(b"12-59").digest() * 3000)
+
+
 def test_parallel_unpacker_local_files_and_errors(tmp_path: Path) -> None:
     blobs = [layer_blob(i, files=5) for i in range(3)]
     specs = []
@@ -510,7 +577,7 @@ class SlowStream:
 
 
 def test_close_cancels_and_cleans(tmp_path: Path) -> None:
-    blob = layer_blob(7, files=200)
+    blob = layer_blob(7, files=20, noise=256 << 10)
     release = threading.Event()
     streams: list[SlowStream] = []
 
@@ -561,7 +628,7 @@ def test_downloads_spool_while_unpack_slots_are_busy(tmp_path: Path, finish: str
     """With the only unpack slot taken by a slow layer, the next layer is downloaded into
     a spool file (digest checked) and unpacked from it once the slot frees up; closing
     the unpacker instead removes the spool and staging files."""
-    slow_blob, fast_blob = layer_blob(1, files=100), layer_blob(2, files=10)
+    slow_blob, fast_blob = layer_blob(1, files=100, noise=256 << 10), layer_blob(2, files=10)
     release = threading.Event()
     slow: list[SlowStream] = []
     fast: list[RemoteLike] = []
@@ -592,7 +659,7 @@ def test_downloads_spool_while_unpack_slots_are_busy(tmp_path: Path, finish: str
         assert len(spooled) == 1 and not unpacker.done(fast_spec.digest)
         if finish == "release":
             release.set()
-            assert unpacker.wait(slow_spec.digest).entries == 101
+            assert unpacker.wait(slow_spec.digest).entries == 102
             assert unpacker.wait(fast_spec.digest).entries == 11
             assert os.listdir(a) == ["fs"] and os.listdir(b) == ["fs"]
         else:

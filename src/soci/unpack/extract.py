@@ -189,6 +189,10 @@ class _Extractor:
         self._cache: OrderedDict[tuple[bytes, ...], int] = OrderedDict()
         self._dirs: dict[tuple[bytes, ...], tuple[int, int, int]] = {}
         self._as_root = _is_root()
+        # New nodes are owned by us unless a setgid directory hands down its group; only
+        # the root can be setgid while unpacking (directory modes are applied at the end).
+        self._born = (os.geteuid(), os.getegid())
+        self._inherits_gid = bool(os.fstat(root_fd).st_mode & stat.S_ISGID)
         self.entries = 0
 
     # -- directories -------------------------------------------------------------------
@@ -274,9 +278,21 @@ class _Extractor:
         atime = e.atime_ns if e.atime_ns is not None and e.atime_ns > e.mtime_ns else e.mtime_ns
         return atime, e.mtime_ns
 
+    def _chown_needed(self, e: Entry) -> bool:
+        return self._as_root and (self._inherits_gid or (e.uid, e.gid) != self._born)
+
+    def _create(self, parent: int, comps: tuple[bytes, ...], make: Callable[[], Any]) -> Any:
+        """``make()`` the node; if the name is taken, a later tar entry replaces the
+        earlier one: remove it and try once more."""
+        try:
+            return make()
+        except FileExistsError:
+            self._clear_slot(parent, comps, False)
+            return make()
+
     def _meta_at(self, parent: int, name: bytes, e: Entry, chmod: bool) -> None:
         """Owner, mode, xattrs and times of a non-regular node (never following it)."""
-        if self._as_root:
+        if self._chown_needed(e):
             os.chown(name, e.uid, e.gid, dir_fd=parent, follow_symlinks=False)
         if chmod:  # just created by us in a directory only we write: not a symlink
             os.chmod(name, e.mode, dir_fd=parent)
@@ -310,22 +326,25 @@ class _Extractor:
                 raise UnsafeLayerError(f"layer tar has an invalid whiteout {_show(e.path)}")
             if not self._as_root:
                 raise UnpackError("overlay whiteouts can only be created as root")
-            self._clear_slot(parent, (*comps[:-1], name), False)
-            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
+            self._create(parent, (*comps[:-1], name), lambda: os.mknod(
+                name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent))
             os.chown(name, e.uid, e.gid, dir_fd=parent, follow_symlinks=False)
             self.entries += 1
             return
         kind = e.type
         if kind == DIRECTORY:
-            if not self._clear_slot(parent, comps, True):
+            try:
                 os.mkdir(base, 0o700, dir_fd=parent)
+            except FileExistsError:
+                if not self._clear_slot(parent, comps, True):
+                    os.mkdir(base, 0o700, dir_fd=parent)
             self._directory(comps, self._dir(comps, False), e)
         elif kind == REGULAR:
-            self._clear_slot(parent, comps, False)
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=parent)
+            fd = self._create(parent, comps, lambda: os.open(
+                base, _FILE_FLAGS, 0o600, dir_fd=parent))
             try:
                 reader.copy_data(e, fd)
-                if self._as_root:
+                if self._chown_needed(e):
                     os.fchown(fd, e.uid, e.gid)
                 os.fchmod(fd, e.mode)
                 if e.xattrs:
@@ -336,27 +355,27 @@ class _Extractor:
         elif kind == SYMLINK:
             if not e.linkpath or len(e.linkpath) > MAX_PATH:
                 raise UnsafeLayerError(f"layer tar has an invalid symlink {_show(e.path)}")
-            self._clear_slot(parent, comps, False)
-            os.symlink(e.linkpath, base, dir_fd=parent)
+            self._create(parent, comps, lambda: os.symlink(e.linkpath, base, dir_fd=parent))
             self._meta_at(parent, base, e, chmod=False)
         elif kind == HARDLINK:
             self._hardlink(comps, parent, e)
         elif kind in (CHAR, BLOCKDEV, FIFO):
-            self._clear_slot(parent, comps, False)
             if kind == FIFO:
-                os.mkfifo(base, 0o600, dir_fd=parent)
+                self._create(parent, comps, lambda: os.mkfifo(base, 0o600, dir_fd=parent))
             elif not self._as_root:
                 raise UnpackError("device nodes can only be created as root")
             else:
                 fmt = stat.S_IFCHR if kind == CHAR else stat.S_IFBLK
-                os.mknod(base, fmt | 0o600, os.makedev(e.devmajor, e.devminor), dir_fd=parent)
+                dev = os.makedev(e.devmajor, e.devminor)
+                self._create(parent, comps, lambda: os.mknod(
+                    base, fmt | 0o600, dev, dir_fd=parent))
             self._meta_at(parent, base, e, chmod=True)
         else:  # the reader lets nothing else through
             raise UnsupportedLayerError(f"unsupported tar entry type {kind!r}")
         self.entries += 1
 
     def _directory(self, comps: tuple[bytes, ...], fd: int, e: Entry) -> None:
-        if self._as_root:
+        if self._as_root and (not comps or self._chown_needed(e)):
             os.fchown(fd, e.uid, e.gid)
         if e.xattrs:
             self._xattrs(fd, e.xattrs, True)
@@ -449,10 +468,13 @@ def unpack_stream(
             raise UnpackCancelledError(f"unpack of {digest} cancelled")
 
     dest = os.path.abspath(dest)
-    with contextlib.suppress(FileNotFoundError):
-        if os.listdir(dest):
-            raise UnpackError(f"unpack destination {dest} is not empty")
-    staging = staging_dir(dest)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if os.listdir(dest):
+                raise UnpackError(f"unpack destination {dest} is not empty")
+        staging = staging_dir(dest)
+    except OSError as e:
+        raise UnpackError(f"cannot unpack into {dest}: {e.strerror or e}") from None
     raw = HashingReader(stream, digest if verify_compressed else None, size, check)
     inflated: Any = None
     root_fd = -1

@@ -13,7 +13,9 @@ later layers already done or under way.
 The limits are upstream's ``[pull_modes.parallel_pull_unpack]`` keys (``ParallelPullConfig``):
 a global and a per-image cap for downloads and for unpacks, negative meaning unbounded.
 Blobs that are local regular files (a content store) are unpacked in place, without a
-spool copy or a download slot.
+spool copy or a download slot. With ``concurrent_download_chunk_size`` set and a layer that
+offers ``fetch_range``, its blob is fetched as concurrent ranged requests (each one under
+the download limits) into the spool file, then hashed whole before it is unpacked.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from soci.errors import NotFoundError, SociError
-from soci.unpack.errors import UnpackCancelledError, UnpackError
+from soci.unpack.errors import LayerDigestError, UnpackCancelledError, UnpackError
 from soci.unpack.extract import (
     HashingReader,
     UnpackResult,
@@ -45,7 +47,9 @@ _SPOOL_CHUNK = 1 << 20
 class LayerSpec:
     """One layer to fetch and unpack. ``open`` returns the compressed blob as a stream
     with ``read(n)``/``close()`` (e.g. ``lambda: client.open_blob(ref, digest, size=size)``);
-    ``image`` groups layers for the per-image limits."""
+    ``image`` groups layers for the per-image limits. ``fetch_range(start, end)`` (bytes
+    ``[start, end)``, e.g. ``client.get_blob_range``), with a known ``size``, lets the blob
+    be downloaded in concurrent chunks of ``concurrent_download_chunk_size``."""
 
     digest: str
     size: int | None
@@ -54,6 +58,7 @@ class LayerSpec:
     dest: str
     open: Callable[[], BinaryIO]
     image: str = ""
+    fetch_range: Callable[[int, int], bytes] | None = None
 
 
 _UNITS = {"": 1, "b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30}
@@ -91,7 +96,7 @@ class ParallelPullConfig:
     enable: bool = False
     max_concurrent_downloads: int = -1
     max_concurrent_downloads_per_image: int = 3
-    concurrent_download_chunk_size: int = -1  # bytes; not used yet (one request per blob)
+    concurrent_download_chunk_size: int = -1  # bytes; -1: one request per blob
     max_concurrent_unpacks: int = -1
     max_concurrent_unpacks_per_image: int = 2
     discard_unpacked_layers: bool = False
@@ -128,10 +133,10 @@ class _Slots:
         self._used = 0
         self._cond = threading.Condition()
 
-    def acquire(self, cancel: threading.Event) -> None:
+    def acquire(self, stopped: Callable[[], bool]) -> None:
         with self._cond:
             while self._limit is not None and self._used >= self._limit:
-                if cancel.is_set():
+                if stopped():
                     raise UnpackCancelledError("unpack cancelled while queued")
                 self._cond.wait(0.2)
             self._used += 1
@@ -171,6 +176,7 @@ class ParallelUnpacker:
         *,
         max_concurrent_downloads_per_image: int = 3,
         max_concurrent_unpacks_per_image: int = 2,
+        concurrent_download_chunk_size: int = -1,
         inflater: str = "isal-threaded",
     ) -> None:
         for value in (max_concurrent_downloads, max_concurrent_unpacks,
@@ -183,6 +189,7 @@ class ParallelUnpacker:
                                   max_concurrent_unpacks_per_image)
         self._per_image: dict[str, tuple[_Slots, _Slots]] = {}
         self._inflater = inflater
+        self._chunk_size = concurrent_download_chunk_size
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -193,6 +200,7 @@ class ParallelUnpacker:
             cfg.max_concurrent_downloads, cfg.max_concurrent_unpacks,
             max_concurrent_downloads_per_image=cfg.max_concurrent_downloads_per_image,
             max_concurrent_unpacks_per_image=cfg.max_concurrent_unpacks_per_image,
+            concurrent_download_chunk_size=cfg.concurrent_download_chunk_size,
         )
 
     def __enter__(self) -> ParallelUnpacker:
@@ -288,24 +296,30 @@ class ParallelUnpacker:
         spool: str | None = None
         stream: BinaryIO | None = None
         unpack_slots: list[_Slots] = []
+        chunked = (self._chunk_size > 0 and spec.fetch_range is not None
+                   and spec.size is not None and spec.size > self._chunk_size)
         try:
-            with _held(image_dl, cancel), _held(self._downloads, cancel):
-                if cancel.is_set():
-                    raise UnpackCancelledError(f"unpack of {spec.digest} cancelled")
-                stream = spec.open()
-                if not _is_local_file(stream):
-                    # With unpack slots free right now, unpack while downloading; else
-                    # download into a spool file so the network is not held up by unpacks.
-                    if image_up.try_acquire():
-                        unpack_slots.append(image_up)
-                        if self._unpacks.try_acquire():
-                            unpack_slots.append(self._unpacks)
-                    if len(unpack_slots) == 2:
-                        return self._unpack(spec, stream, cancel, verify=True)
-                    _release(unpack_slots)
-                    spool = self._spool(spec, stream, cancel)
-                    stream.close()
-                    stream = open(spool, "rb")  # noqa: SIM115 - closed in finally
+            if chunked:
+                spool = self._spool_ranges(spec, cancel, image_dl)
+                stream = open(spool, "rb")  # noqa: SIM115 - closed in finally
+            else:
+                with _held(image_dl, cancel), _held(self._downloads, cancel):
+                    if cancel.is_set():
+                        raise UnpackCancelledError(f"unpack of {spec.digest} cancelled")
+                    stream = spec.open()
+                    if not _is_local_file(stream):
+                        # With unpack slots free right now, unpack while downloading; else
+                        # download into a spool file so the network is not held up by unpacks.
+                        if image_up.try_acquire():
+                            unpack_slots.append(image_up)
+                            if self._unpacks.try_acquire():
+                                unpack_slots.append(self._unpacks)
+                        if len(unpack_slots) == 2:
+                            return self._unpack(spec, stream, cancel, verify=True)
+                        _release(unpack_slots)
+                        spool = self._spool(spec, stream, cancel)
+                        stream.close()
+                        stream = open(spool, "rb")  # noqa: SIM115 - closed in finally
             with _held(image_up, cancel), _held(self._unpacks, cancel):
                 return self._unpack(spec, stream, cancel, verify=spool is None)
         finally:
@@ -323,6 +337,59 @@ class ParallelUnpacker:
             stream, spec.dest, media_type=spec.media_type, digest=spec.digest,
             diff_id=spec.diff_id, size=spec.size, verify_compressed=verify, cancel=cancel,
             inflater=self._inflater)
+
+    def _spool_ranges(self, spec: LayerSpec, cancel: threading.Event,
+                      image_dl: _Slots) -> str:
+        """Download the blob in concurrent ranged requests, each under the download
+        limits (upstream's chunked download), into a spool file; then check its digest."""
+        assert spec.fetch_range is not None and spec.size is not None
+        fetch_range, size, chunk = spec.fetch_range, spec.size, self._chunk_size
+        ranges = [(start, min(start + chunk, size)) for start in range(0, size, chunk)]
+        failed = threading.Event()
+
+        def stopped() -> bool:
+            return cancel.is_set() or failed.is_set()
+
+        parent, base = os.path.split(os.path.abspath(spec.dest))
+        fd, path = tempfile.mkstemp(prefix=f"{base}.tmp-", suffix=".blob", dir=parent)
+
+        def fetch(start: int, end: int) -> None:
+            with _held(image_dl, stopped), _held(self._downloads, stopped):
+                if stopped():
+                    raise UnpackCancelledError(f"download of {spec.digest} cancelled")
+                data = fetch_range(start, end)
+            if len(data) != end - start:
+                raise LayerDigestError(f"layer blob {spec.digest}: range [{start}, {end}) "
+                                       f"returned {len(data)} bytes")
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(fd, view, start)
+                view, start = view[written:], start + written
+
+        try:
+            os.ftruncate(fd, size)
+            with ThreadPoolExecutor(min(len(ranges), 16), "unpack-range") as pool:
+                futures = [pool.submit(fetch, start, end) for start, end in ranges]
+                error: BaseException | None = None
+                for future in as_completed(futures):
+                    if future.exception() is not None and error is None:
+                        error = future.exception()
+                        failed.set()
+            if cancel.is_set():
+                raise UnpackCancelledError(f"download of {spec.digest} cancelled")
+            if error is not None:
+                raise error
+            with open(fd, "rb", closefd=False) as blob:
+                reader = HashingReader(blob, spec.digest, size)
+                reader.drain()
+                reader.verify()
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        return path
 
     @staticmethod
     def _spool(spec: LayerSpec, stream: BinaryIO, cancel: threading.Event) -> str:
@@ -347,8 +414,8 @@ class ParallelUnpacker:
 
 
 @contextlib.contextmanager
-def _held(slots: _Slots, cancel: threading.Event) -> Any:
-    slots.acquire(cancel)
+def _held(slots: _Slots, stop: threading.Event | Callable[[], bool]) -> Any:
+    slots.acquire(stop.is_set if isinstance(stop, threading.Event) else stop)
     try:
         yield
     finally:

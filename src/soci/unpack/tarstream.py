@@ -42,6 +42,7 @@ DIRECTORY = b"5"
 FIFO = b"6"
 CONTIGUOUS = b"7"
 _HEADER_ONLY = {HARDLINK, SYMLINK, CHAR, BLOCKDEV, DIRECTORY, FIFO}
+_DEVICES = {CHAR, BLOCKDEV}
 
 
 class CorruptLayerError(UnsafeLayerError):
@@ -331,8 +332,8 @@ class TarReader:
             type=kind, path=name, linkpath=link, size=size,
             mode=_octal(block[100:108], "mode") & 0o7777, uid=uid, gid=gid,
             mtime_ns=mtime_ns, atime_ns=atime_ns,
-            devmajor=_octal(block[329:337], "devmajor"),
-            devminor=_octal(block[337:345], "devminor"),
+            devmajor=_octal(block[329:337], "devmajor") if kind in _DEVICES else 0,
+            devminor=_octal(block[337:345], "devminor") if kind in _DEVICES else 0,
             xattrs=xattrs,
         )
 
