@@ -120,7 +120,10 @@ class LocalLayers:
                              os.path.join(self.dir, desc.digest.replace(":", "-")),
                              functools.partial(self.manager.client.open_blob, image.ref,
                                                desc.digest, size=desc.size),
-                             image=name)
+                             image=name,
+                             # used when concurrent_download_chunk_size is set
+                             fetch_range=functools.partial(self.manager.client.get_blob_range,
+                                                           image.ref, desc.digest))
             try:
                 self.unpacker.submit(spec)
             except SociError as e:
