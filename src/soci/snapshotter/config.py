@@ -18,7 +18,7 @@ Layers of an image *with* a SOCI index that have no zTOC are always fetched and 
 here (as upstream does), whatever ``enable`` says: see ``soci.snapshotter.local``.
 
 Everything ``soci-store`` takes (``root``, ``[background_fetch]``, ``[http]``, ``[blob]``,
-``[fuse]``, ``[cache]``) means the same here; see ``soci.store.config``.
+``[fuse]``, ``[cache]``) means the same here; see ``soci.serve.config``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from soci.config import read_config_file
 from soci.errors import SociError
-from soci.store.config import StoreConfig, load_store_config
+from soci.serve.config import ServeConfig, load_serve_config
 from soci.unpack import ParallelPullConfig
 
 DEFAULT_ADDRESS = "/run/soci-snapshotter-grpc/soci-snapshotter-grpc.sock"
@@ -36,7 +36,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:8092"
 
 @dataclass(slots=True)
 class SnapshotterConfig:
-    store: StoreConfig
+    store: ServeConfig
     address: str = DEFAULT_ADDRESS
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     parallel: ParallelPullConfig = field(default_factory=ParallelPullConfig)
@@ -44,7 +44,7 @@ class SnapshotterConfig:
 
 def load_snapshotter_config(path: str | None = None) -> SnapshotterConfig:
     doc = read_config_file(path)
-    cfg = SnapshotterConfig(load_store_config(path))
+    cfg = SnapshotterConfig(load_serve_config(path))
     metrics = doc.get("metrics_address", cfg.metrics_address)
     section = doc.get("snapshotter", {})
     if not isinstance(section, dict):

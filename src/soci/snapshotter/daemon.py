@@ -13,12 +13,10 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import signal
 
 import click
 import grpc
 import pyfuse3
-import trio
 
 from soci import __version__
 from soci.artifacts import LocalStore
@@ -29,6 +27,7 @@ from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_DIR, PRIVATE_UMASK, make_dirs
 from soci.registry import CredentialStore, RegistryClient
 from soci.serve.background import BackgroundFetcher
+from soci.serve.fusefs import LayerFS, serve_until_signal
 from soci.serve.layers import LayerManager
 from soci.serve.metrics import Metrics, serve_http
 from soci.serve.mounts import cleanup_stale_mount
@@ -38,7 +37,6 @@ from soci.snapshotter.local import LocalLayers
 from soci.snapshotter.remote import RemoteLayers
 from soci.snapshotter.service import SnapshotsService
 from soci.snapshotter.snapshots import Snapshots
-from soci.store.fs import StoreFS
 
 log = logging.getLogger("soci.snapshotter")
 
@@ -87,7 +85,7 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         disk = DiskCache(os.path.join(root, "cache", "spans"), store_cfg.disk_bytes)
         metrics = Metrics()
         manager = LayerManager(store, client, memory, disk, metrics=metrics)
-        fs = StoreFS(manager, store_cfg, metrics)
+        fs = LayerFS(manager, metrics, store_cfg.attr_timeout)
         options = {"fsname=soci-snapshotter", "subtype=soci", "allow_other",
                    "default_permissions"}
         if debug_fuse:
@@ -122,22 +120,7 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         sd_notify(f"READY=1\nSTATUS=serving {config.address}")
         stack.callback(sd_notify, "STOPPING=1")
 
-        async def release_idle_layers() -> None:
-            while True:
-                await trio.sleep(max(store_cfg.release_grace_sec / 4, 0.25))
-                fs.release_idle(store_cfg.release_grace_sec)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pyfuse3.main)
-                nursery.start_soon(release_idle_layers)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("signal %d: stopping", signum)
-                        nursery.cancel_scope.cancel()
-                        return
-
-        trio.run(main)
+        serve_until_signal(fs, store_cfg.release_grace_sec)
     log.info("soci-snapshotter-grpc stopped")
 
 

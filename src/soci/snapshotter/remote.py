@@ -1,6 +1,6 @@
 """Layers served lazily to containerd: from a Prepare's labels to a tree in the FUSE mount.
 
-The snapshotter mounts the same filesystem as ``soci-store`` (``soci.store.fs``), privately
+The snapshotter mounts the same filesystem as ``soci-store`` (``soci.serve.fusefs``), privately
 under its root; a lazy layer's tree is ``<mount>/<image>/<layer digest>/diff`` there, where
 ``<image>`` (URL-safe base64) names the image by repository and manifest digest, so the
 manifest containerd resolved is the one served whatever its tag points at later, plus the

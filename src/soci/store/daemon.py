@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 
 import click
 import pyfuse3
-import trio
 
 from soci import __version__
 from soci.artifacts import LocalStore
@@ -25,13 +23,13 @@ from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_UMASK
 from soci.registry import CredentialStore, RegistryClient
 from soci.serve.background import BackgroundFetcher
+from soci.serve.fusefs import LayerFS, serve_until_signal
 from soci.serve.layers import LayerManager
 from soci.serve.metrics import Metrics, serve_http
 from soci.serve.mounts import cleanup_stale_mount
 from soci.serve.process import sd_notify, setup_logging
 from soci.store.config import StoreConfig, load_store_config
 from soci.store.credentials import serve_credentials
-from soci.store.fs import StoreFS
 
 #: Where /metrics and /status are served unless told otherwise (soci store status reads it).
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:8091"
@@ -62,7 +60,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
         metrics = Metrics()
         manager = LayerManager(store, client, memory, disk, metrics=metrics)
-        fs = StoreFS(manager, config, metrics)
+        fs = LayerFS(manager, metrics, config.attr_timeout)
         options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
         if debug_fuse:
             options.add("debug")
@@ -82,22 +80,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
         stack.callback(sd_notify, "STOPPING=1")
 
-        async def release_idle_layers() -> None:
-            while True:
-                await trio.sleep(max(config.release_grace_sec / 4, 0.25))
-                fs.release_idle(config.release_grace_sec)
-
-        async def main() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pyfuse3.main)
-                nursery.start_soon(release_idle_layers)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("signal %d: unmounting", signum)
-                        nursery.cancel_scope.cancel()
-                        return
-
-        trio.run(main)
+        serve_until_signal(fs, config.release_grace_sec)
     log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
 
 

@@ -1,5 +1,5 @@
-"""The store's FUSE filesystem, in the layout containers/storage expects of an Additional
-Layer Store:
+"""The layer filesystem both front ends mount, in the layout containers/storage expects of an
+Additional Layer Store (the snapshotter mounts it privately and links its snapshots into it):
 
     <mnt>/pool                          -> symlink to the store's root
     <mnt>/<base64(image ref)>/<layer digest>/
@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import re
+import signal
 import stat
 import time
 from bisect import bisect_right
@@ -38,9 +39,8 @@ from soci.fs.tree import ROOT as TREE_ROOT
 from soci.fs.tree import Node
 from soci.serve.layers import Layer, LayerManager
 from soci.serve.metrics import Metrics
-from soci.store.config import StoreConfig
 
-log = logging.getLogger("soci.store.fs")
+log = logging.getLogger("soci.serve.fs")
 
 _BLOCK = 4096
 _DIR_MODE = stat.S_IFDIR | 0o500
@@ -63,7 +63,7 @@ def _timed(op: str):
 
     def decorate(handler):
         @functools.wraps(handler)
-        async def timed(self: StoreFS, *args: object) -> object:
+        async def timed(self: LayerFS, *args: object) -> object:
             with self.metrics.fuse_op(op):
                 return await handler(self, *args)
 
@@ -72,15 +72,16 @@ def _timed(op: str):
     return decorate
 
 
-class StoreFS(pyfuse3.Operations):
+class LayerFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, manager: LayerManager, config: StoreConfig, metrics: Metrics) -> None:
+    def __init__(self, manager: LayerManager, metrics: Metrics,
+                 attr_timeout: float = 3600.0) -> None:
         super().__init__()
         self.manager = manager
-        self.config = config
+        self.attr_timeout = attr_timeout  # the layers are immutable: the kernel may cache
         self.metrics = metrics
         self._next = pyfuse3.ROOT_INODE + 1
         self._synthetic: dict[int, _Synthetic] = {}
@@ -165,7 +166,7 @@ class StoreFS(pyfuse3.Operations):
 
     def _node_attr(self, ino: int, node: Node) -> pyfuse3.EntryAttributes:
         return self._attr(ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev,
-                          node.mtime_ns, self.config.attr_timeout)
+                          node.mtime_ns, self.attr_timeout)
 
     def _getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         if ino == pyfuse3.ROOT_INODE:
@@ -424,3 +425,25 @@ class StoreFS(pyfuse3.Operations):
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         pass  # inodes live as long as the daemon: the layers are immutable
+
+
+def serve_until_signal(fs: LayerFS, release_grace_sec: float) -> None:
+    """Serve the mounted ``fs`` until SIGINT or SIGTERM, unmounting layers nobody has used
+    for ``release_grace_sec`` on the way (pyfuse3.init must have been called)."""
+
+    async def release_idle_layers() -> None:
+        while True:
+            await trio.sleep(max(release_grace_sec / 4, 0.25))
+            fs.release_idle(release_grace_sec)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pyfuse3.main)
+            nursery.start_soon(release_idle_layers)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("signal %d: stopping", signum)
+                    nursery.cancel_scope.cancel()
+                    return
+
+    trio.run(main)
