@@ -234,3 +234,35 @@ def test_second_daemon_on_the_root_is_refused(tmp_path: Path) -> None:
     with SnapshotterDaemon(root) as first:
         out = SnapshotterDaemon(root).start_refused()
         assert f"another soci-snapshotter-grpc (pid {first.proc.pid})" in out, out
+
+
+def test_a_named_index_is_used_for_that_pull_only(world: dict, tmp_path: Path) -> None:
+    """An index a client names (soci.index.digest) serves the layer, but is not remembered
+    as the repository's index: a later pull naming none finds what the registry lists."""
+    registry = world["host"]
+    push_layout(world["tmp"] / "img", world["host"], "named:v1", tag="v1")
+    ref = f"{world['host']}/named:v1"
+    build = tmp_path / "build"
+    soci(build, "create", ref)
+    soci(build, "push", ref)
+    index = soci(build, "index", "list", "-q").split()[0]
+    # The registry keeps the index but stops listing it (its referrers tag is deleted).
+    tag_url = (f"http://{registry}/v2/named/manifests/"
+               f"sha256-{world['manifest_digest'][7:]}")
+    head = urllib.request.Request(tag_url, method="HEAD", headers={
+        "Accept": "application/vnd.oci.image.index.v1+json"})
+    with urllib.request.urlopen(head, timeout=10) as r:
+        listing = r.headers["Docker-Content-Digest"]
+    urllib.request.urlopen(urllib.request.Request(
+        f"http://{registry}/v2/named/manifests/{listing}", method="DELETE"), timeout=10)
+    chains = chain_ids(world["diff_ids"])
+    with SnapshotterDaemon(tmp_path / "root") as sn:
+        sn.prepare("b")
+        sn.commit(chains[0], "b")
+        named = {**layer_labels(world, 1, "named:v1"),
+                 "containerd.io/snapshot/remote/soci.index.digest": index}
+        assert code(lambda: sn.prepare("x1", chains[0], named)) == \
+            grpc.StatusCode.ALREADY_EXISTS
+        sn.remove(chains[1])
+        (m,) = sn.prepare("x2", chains[0], layer_labels(world, 1, "named:v1"))
+        assert m.type == "overlay" and sn.stat("x2").kind == 2  # pulled by containerd

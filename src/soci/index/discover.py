@@ -59,19 +59,28 @@ def _local(store: LocalStore, digest: str) -> SociIndex | None:
     return None
 
 
+#: Marks the provenance of an index fetched because a client named it (see ``_fetch``).
+NAMED_SOURCE_SUFFIX = "#named"
+
+
 def _source(ref: Reference) -> str:
     return FetchedIndexes.source_of(ref.registry, ref.repository)
 
 
 def _fetch(client: RegistryClient, ref: Reference, store: LocalStore, digest: str,
-           manifest_desc: Descriptor, platform: str) -> SociIndex:
-    """Fetch, verify and keep an index (and its zTOCs) found in ``ref``'s repository."""
+           manifest_desc: Descriptor, platform: str, remember: bool = True) -> SociIndex:
+    """Fetch, verify and keep an index (and its zTOCs) found in ``ref``'s repository.
+
+    ``remember=False`` for an index a client named: its provenance is recorded under
+    ``<repository>#named``, a source no reference can name, so one client's choice never
+    becomes what later pulls that name no index find (nor, after ``rebuild-db``, a local
+    index)."""
     data = client.get_manifest(replace(ref, tag=None, digest=digest)).data
     index = SociIndex.parse(data)
     if index.subject is not None and index.subject.digest != manifest_desc.digest:
         raise SociError(f"SOCI index {digest} is for {index.subject.digest}, "
                         f"not {manifest_desc.digest}")
-    source = _source(ref)
+    source = _source(ref) + ("" if remember else NAMED_SOURCE_SUFFIX)
     # Provenance first: the index never sits in content/ without it, so neither a crash
     # here nor a later rebuild-db can turn it into a local index (trusted everywhere).
     store.fetched.put(source, manifest_desc.digest, digest)
@@ -174,8 +183,8 @@ def _named(store: LocalStore, client: RegistryClient | None, ref: Reference | No
         return Discovered(digest, index, "named by the client (local store)")
     if client is None or ref is None:
         raise SociError(f"SOCI index {digest} is not in the local store")
-    return Discovered(digest, _fetch(client, ref, store, digest, manifest_desc, platform),
-                      "named by the client")
+    return Discovered(digest, _fetch(client, ref, store, digest, manifest_desc, platform,
+                                     remember=False), "named by the client")
 
 
 def _discover(store: LocalStore, client: RegistryClient | None, ref: Reference | None,
