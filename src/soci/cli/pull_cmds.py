@@ -52,6 +52,7 @@ def pull(app: App, ref: str, soci_index_digest: str | None, platform: str | None
         if quiet:
             return
         what = {"lazy": f"lazy (mounted by {snapshotter})",
+                "unpacked": f"fetched and unpacked by {snapshotter}",
                 "pulled": f"pulled {human_size(layer.downloaded)}",
                 "present": "already present"}[layer.status]
         if layer.status == "pulled" and layer.downloaded == 0:
@@ -64,7 +65,8 @@ def pull(app: App, ref: str, soci_index_digest: str | None, platform: str | None
                                 on_layer=on_layer, progress=progress.update)
         finally:
             progress.done()
-    summary = ", ".join(f"{result.count(s)} {s}" for s in ("lazy", "pulled", "present")
+    summary = ", ".join(f"{result.count(s)} {s}"
+                        for s in ("lazy", "unpacked", "pulled", "present")
                         if result.count(s))
     click.echo(f"{result.name} {result.target.digest} ({result.platform}) "
                f"for {snapshotter} in {result.seconds:.1f}s: {summary or 'no layers'}, "

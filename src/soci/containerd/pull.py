@@ -85,8 +85,9 @@ class PullOptions:
 
 @dataclass(slots=True)
 class LayerResult:
-    """What happened to one layer: ``lazy`` (the snapshotter mounted it remotely), ``pulled``
-    (downloaded, as far as the content store lacked it, and unpacked) or ``present`` (its
+    """What happened to one layer: ``lazy`` (the snapshotter mounted it remotely),
+    ``unpacked`` (the snapshotter fetched and unpacked it itself), ``pulled`` (downloaded here,
+    as far as the content store lacked it, and unpacked by containerd) or ``present`` (its
     snapshot already existed)."""
 
     index: int
@@ -321,8 +322,11 @@ class _Puller:
                     raise
             # The snapshotter has the target: a remote snapshotter mounted the layer (or a
             # concurrent pull just committed it). If the chain ID is not there, try again.
-            if self.cd.stat_snapshot(sn, chain_id) is not None:
-                result.status = "lazy"
+            info = self.cd.stat_snapshot(sn, chain_id)
+            if info is not None:
+                # A lazily served layer carries the remote mark; one the snapshotter fetched
+                # and unpacked itself (a layer without a zTOC) does not.
+                result.status = "lazy" if lb.REMOTE in info.labels else "unpacked"
                 return result
         if mounts is None:
             raise ContainerdError(f"containerd: {sn}: cannot prepare a snapshot for layer "
