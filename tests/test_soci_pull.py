@@ -340,7 +340,10 @@ def test_interrupted_pull_leaves_no_snapshot(ctrd: Containerd, registry: Registr
             [sys.executable, "-m", "soci.cli", "--plain-http", "pull", "--address",
              ctrd.address, "--namespace", ns, "--snapshotter", OVERLAY,
              f"{proxy.host}/{name}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env)
+            text=True, env=env,
+            # As typed in a terminal: a test run started in the background (a non-interactive
+            # shell's `&`) ignores SIGINT, and children inherit that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             while not any(blob in s for s in proxy.counters.seen):
