@@ -160,8 +160,9 @@ def test_parallel_pull_unpack_of_an_image_without_index(world: dict, generation:
         assert out == EXPECTED
 
 
-def soci_pull(ctrd: Containerd, image: str, *args: str) -> str:
-    return subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", "pull",
+def soci_pull(ctrd: Containerd, image: str, *args: str,
+              command: tuple[str, ...] = ("pull",)) -> str:
+    return subprocess.run([sys.executable, "-m", "soci.cli", "--plain-http", *command,
                            "--address", ctrd.address, "--namespace", ctrd.namespace, *args,
                            image], capture_output=True, text=True, check=True).stdout
 
@@ -196,6 +197,8 @@ def test_soci_pull_with_a_named_index(world: dict, generation: str, tmp_path: Pa
     # An index that is not there: the image is still pulled, normally.
     with SnapshotterDaemon(tmp_path / "root2") as sn, Containerd(
             generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
-        soci_pull(ctrd, image, "--soci-index-digest", "sha256:" + "0" * 64)
+        # (upstream's spelling of the command)
+        soci_pull(ctrd, image, "--soci-index-digest", "sha256:" + "0" * 64,
+                  command=("image", "rpull"))
         assert "mounted lazily" not in sn.logs()
         assert run_reads(ctrd, image) == EXPECTED

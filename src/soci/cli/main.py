@@ -55,5 +55,14 @@ cli.add_command(store)
 cli.add_command(pull)
 
 
+@click.group("image")
+def image() -> None:
+    """Upstream SOCI's spelling of image commands (``soci image rpull`` is ``soci pull``)."""
+
+
+image.add_command(pull, name="rpull")
+cli.add_command(image)
+
+
 def main() -> None:
     cli(prog_name="soci")
