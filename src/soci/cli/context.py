@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from soci.artifacts import LocalStore
-from soci.config import Config
+from soci.config import Config, load_config
 from soci.errors import SociError
 from soci.registry import RegistryClient
 
@@ -20,10 +20,28 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class App:
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    """Per-invocation state. The global options may appear before or after any subcommand
+    (``soci --plain-http create REF`` and ``soci create --plain-http REF``), so the config file
+    is read only when a command first asks for it, once every option has been parsed."""
+
+    def __init__(self) -> None:
+        self.config_path: str | None = None
+        self.root: str | None = None
+        self.plain_http = False
+        self._config: Config | None = None
         self._store: LocalStore | None = None
         self._client: RegistryClient | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            config = load_config(self.config_path)
+            if self.root is not None:
+                config.root = self.root
+            if self.plain_http:
+                config.plain_http = True
+            self._config = config
+        return self._config
 
     @property
     def store(self) -> LocalStore:
@@ -44,6 +62,51 @@ class App:
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def _set_global(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Record a global option on the invocation's App, wherever on the line it was given."""
+    if value is None or value is False:
+        return
+    app = ctx.ensure_object(App)
+    if app._config is not None:  # pragma: no cover - commands read the config after parsing
+        raise click.UsageError(f"{param.opts[0]} given too late")
+    setattr(app, param.name or "", value)
+
+
+def _global_options() -> list[click.Parameter]:
+    """Fresh copies of the options every command takes (click binds a parameter to one command)."""
+    return [
+        click.Option(["--root"], type=click.Path(file_okay=False), default=None,
+                     expose_value=False, callback=_set_global,
+                     help="The local store [default: /var/lib/soci-snapshotter-grpc, or 'root' in "
+                          "the config file]."),
+        click.Option(["--config", "config_path"], type=click.Path(dir_okay=False), default=None,
+                     expose_value=False, callback=_set_global,
+                     help="Config file [default: $SOCI_CONFIG or /etc/soci-snapshotter-grpc/"
+                          "config.toml]."),
+        click.Option(["--plain-http"], is_flag=True, default=False, expose_value=False,
+                     callback=_set_global,
+                     help="Talk plain HTTP to every registry (registries.conf 'insecure' does it "
+                          "per registry)."),
+    ]
+
+
+def add_global_options(cmd: click.Command) -> None:
+    """Give ``cmd`` and every command under it the global options (once each)."""
+    names = {p.name for p in cmd.params}
+    cmd.params.extend(p for p in _global_options() if p.name not in names)
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            add_global_options(sub)
+
+
+class SociGroup(click.Group):
+    """A group whose commands, and their commands, all accept the global options."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        add_global_options(cmd)
+        super().add_command(cmd, name)
 
 
 def one_line_errors(func: F) -> F:
