@@ -50,3 +50,120 @@ def test_global_options_after_the_subcommand(image: str, tmp_path: Path) -> None
     assert via_config.stdout == before.stdout, via_config.stderr
     # The group level between the two works as well.
     assert soci("index", "--root", str(root), "ls", "-q").stdout == before.stdout
+
+
+# A config file as upstream soci-snapshotter documents it: every key must be accepted (and the
+# ones we have no use for ignored), so moving from upstream never breaks on its config.
+UPSTREAM_CONFIG = """\
+http_cache_type = "memory"
+filesystem_cache_type = "memory"
+resolve_result_entry = 3000
+debug = false
+disable_verification = false
+max_concurrency = 100
+mount_timeout_sec = 30
+fuse_metrics_emit_wait_duration_sec = 60
+metrics_address = ""
+metrics_network = "tcp"
+no_prometheus = false
+debug_address = ""
+metadata_store = "db"
+metadata_db_no_sync = false
+metadata_insertion_chunk_size = 2000
+skip_check_snapshotter_supported = false
+[http]
+MaxRetries = 5
+MinWaitMsec = 30
+MaxWaitMsec = 300000
+DialTimeoutMsec = 3000
+ResponseHeaderTimeoutMsec = 3000
+RequestTimeoutMsec = 30000
+[blob]
+valid_interval = 60
+check_always = false
+fetching_timeout_sec = 300
+force_single_range_mode = false
+max_span_verification_retries = 3
+max_retries = 5
+min_wait_msec = 30
+max_wait_msec = 300000
+[directory_cache]
+max_lru_cache_entry = 10
+max_cache_fds = 10
+sync_add = false
+direct = true
+[fuse]
+attr_timeout = 1
+entry_timeout = 1
+negative_timeout = 1
+log_fuse_operations = false
+[background_fetch]
+disable = false
+silence_period_msec = 30000
+fetch_period_msec = 500
+max_queue_size = 100
+drop_policy = "drop"
+emit_metric_period_sec = 10
+[content_store]
+type = "soci"
+[kubeconfig_keychain]
+enable_keychain = false
+[cri_keychain]
+enable_keychain = false
+image_service_path = "/run/containerd/containerd.sock"
+[resolver.host."docker.io".mirrors]
+host = "mirror.example"
+[snapshotter]
+min_layer_size = 0
+allow_invalid_mounts_on_restart = false
+[pull_modes.soci_v1]
+enable = false
+[pull_modes.soci_v2]
+enable = true
+[pull_modes.parallel_pull_unpack]
+enable = false
+max_concurrent_downloads = -1
+discard_unpacked_layers = true
+"""
+
+PROGRAMS = {"soci": "soci.cli.main", "soci-store": "soci.store.daemon",
+            "soci-snapshotter-grpc": "soci.snapshotter.daemon"}
+
+
+def run_program(name: str, *args: str) -> subprocess.CompletedProcess:
+    code = f"import sys; from {PROGRAMS[name]} import main; sys.argv[0] = {name!r}; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[cahce]\nmemory_mb = 1\n", "unknown section [cahce] (did you mean [cache]?)"),
+    ('roots = "/x"\n', "unknown key 'roots' (did you mean 'root'?)"),
+    ("[blob]\nmax_retry = 3\n", "unknown key [blob] max_retry (did you mean 'max_retries'?)"),
+    ("[pull_modes.parallel_pull_unpak]\nenable = true\n",
+     "unknown section [pull_modes.parallel_pull_unpak] "
+     "(did you mean [pull_modes.parallel_pull_unpack]?)"),
+])
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_unknown_config_names_are_one_line_errors(tmp_path: Path, program: str, text: str,
+                                                  message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    root = tmp_path / "root"
+    args = {"soci": ["index", "list"], "soci-store": [str(tmp_path / "mnt")],
+            "soci-snapshotter-grpc": []}[program]
+    proc = run_program(program, "--config", str(config), "--root", str(root), *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"Error: config file {config}: {message}"]
+    assert not root.exists() and not (tmp_path / "mnt").exists()
+
+
+def test_upstream_config_file_is_accepted(tmp_path: Path) -> None:
+    from soci.snapshotter.config import load_snapshotter_config
+
+    config = tmp_path / "config.toml"
+    config.write_text(UPSTREAM_CONFIG)
+    cfg = load_snapshotter_config(str(config))
+    assert cfg.metrics_address == "" and cfg.store.max_retries == 5
+    proc = soci("--config", str(config), "--root", str(tmp_path / "root"), "index", "list")
+    assert proc.returncode == 0, proc.stderr

@@ -35,7 +35,7 @@ entry_timeout = 30
 memory_mb = 64
 disk_mb = 128
 release_grace_sec = 5
-[other_sections_are_ignored]
+[directory_cache]  # upstream's, accepted and ignored
 x = 1
 """)
     cfg = load_store_config(str(path))
