@@ -167,3 +167,61 @@ def test_upstream_config_file_is_accepted(tmp_path: Path) -> None:
     assert cfg.metrics_address == "" and cfg.store.max_retries == 5
     proc = soci("--config", str(config), "--root", str(tmp_path / "root"), "index", "list")
     assert proc.returncode == 0, proc.stderr
+
+
+def _gzip_tar(path: Path) -> Path:
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("hello")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"hello\n"))
+    path.write_bytes(gzip.compress(buf.getvalue(), mtime=0))
+    return path
+
+
+def test_unwritable_output_names_the_output_not_a_temp_file(tmp_path: Path) -> None:
+    layer = _gzip_tar(tmp_path / "layer.tar.gz")
+    out = tmp_path / "nonexist" / "dir" / "x"
+    proc = soci("ztoc", "build", str(layer), "-o", str(out))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: No such file or directory: {out}"
+    assert ".tmp-" not in proc.stderr
+
+
+def test_config_type_errors_read_as_english(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[blob]\nmax_retries = 'lots'\n")
+    proc = run_program("soci-store", "--config", str(config), "--root", str(tmp_path / "r"),
+                       str(tmp_path / "mnt"))
+    assert proc.returncode == 1
+    assert "[blob] max_retries must be an integer" in proc.stderr
+
+
+def test_tls_against_plain_http_registry_hints_plain_http(image: str, tmp_path: Path) -> None:
+    proc = soci("--root", str(tmp_path / "root"), "create", image)
+    assert proc.returncode == 1
+    assert "TLS error" in proc.stderr and "use --plain-http" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_existing_file_or_directory_as_ref_hints_the_transport(tmp_path: Path) -> None:
+    (tmp_path / "image.tar").write_bytes(b"")
+    (tmp_path / "layout").mkdir()
+    root = str(tmp_path / "root")
+    cases = {
+        "image.tar": "'image.tar' is a file here: write oci-archive:image.tar for an image "
+                     "archive (or docker://image.tar for the registry image "
+                     "docker.io/library/image.tar:latest)",
+        str(tmp_path / "image.tar"): f"'{tmp_path}/image.tar' is a file here: write "
+                                     f"oci-archive:{tmp_path}/image.tar for an image archive",
+        "./layout": "'./layout' is a directory here: write oci:./layout for an OCI layout",
+    }
+    for ref, message in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "soci.cli", "--root", root, "create", ref],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == f"Error: {message}"

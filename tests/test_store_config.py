@@ -48,7 +48,7 @@ x = 1
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("[blob]\nmax_retries = 'lots'\n", "max_retries must be a int"),
+    ("[blob]\nmax_retries = 'lots'\n", "max_retries must be an integer"),
     ("[cache\n", "not valid TOML"),
     ("background_fetch = 3\n", "must be a table"),
 ])

@@ -66,7 +66,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
     """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:  # name the file the caller asked for, not our temporary one
+        raise type(e)(e.errno, e.strerror, target) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -74,7 +77,10 @@ def atomic_writer(path: str | os.PathLike[str], mode: int = 0o644,
             if durable:
                 os.fsync(f.fileno())
         os.chmod(tmp, masked(mode))
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            raise type(e)(e.errno, e.strerror, target) from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -39,6 +39,8 @@ _MAX_RETRY_AFTER = 30.0
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: 5xx answers that say "never": retrying them only wastes time.
 _PERMANENT_5XX = frozenset({501, 505})
+# What OpenSSL says when the other end answers a TLS hello in plain HTTP.
+_PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -367,6 +369,9 @@ class Transport:
                     if "CERTIFICATE_VERIFY_FAILED" in str(e):
                         hint = (" (to trust a private CA: `ca` in the host's hosts.toml, or a"
                                 " *.crt in its certs.d directory)")
+                    elif any(m in str(e) for m in _PLAIN_HTTP_SIGNS):
+                        hint = (" (the registry seems to speak plain HTTP: use --plain-http, or"
+                                " `insecure = true` for it in registries.conf)")
                     elif "BAD_CERTIFICATE" in str(e) or "CERTIFICATE_REQUIRED" in str(e):
                         hint = (" (does it want a client certificate? `client` in the host's"
                                 " hosts.toml, or *.cert + *.key in its certs.d directory)")

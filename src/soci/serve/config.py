@@ -61,6 +61,9 @@ class ServeConfig:
     release_grace_sec: float = 60.0
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string"}
+
+
 def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any) -> Any:
     table = doc.get(section, {})
     if not isinstance(table, dict):
@@ -69,7 +72,7 @@ def _get(doc: dict[str, Any], section: str, key: str, kind: type, default: Any) 
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SociError(f"config: [{section}] {key} must be a {kind.__name__}")
+        raise SociError(f"config: [{section}] {key} must be {_KIND_NAMES[kind]}")
     return value
 
 
