@@ -225,3 +225,25 @@ def test_existing_file_or_directory_as_ref_hints_the_transport(tmp_path: Path) -
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert proc.returncode == 1
         assert proc.stderr.strip() == f"Error: {message}"
+
+
+def test_read_only_commands_do_not_create_the_store(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    digest = "sha256:" + "ab" * 32
+    for args, code, out in [
+        (("index", "list"), 0, "DIGEST"),
+        (("index", "list", "-q", "--ref", "app:v1"), 0, ""),
+        (("ztoc", "list", "--json"), 0, "[]"),
+        (("ztoc", "ls", "--image-ref", "app:v1", "-q"), 0, ""),
+        (("index", "info", digest), 1, ""),
+        (("ztoc", "info", digest), 1, ""),
+        (("ztoc", "get-file", digest, "etc/hello"), 1, ""),
+    ]:
+        proc = soci("--root", str(root), *args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert proc.stdout.startswith(out)
+        if code:
+            assert proc.stderr.strip() == (
+                f"Error: {'SOCI index' if args[0] == 'index' else 'zTOC'} {digest} is not in "
+                f"{root} (no store there)")
+        assert not root.exists(), args

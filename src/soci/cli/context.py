@@ -6,6 +6,7 @@ Built lazily, so ``soci ztoc info FILE`` never touches the store or the network.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -48,6 +49,13 @@ class App:
         if self._store is None:
             self._store = LocalStore(self.config.root)
         return self._store
+
+    def existing_store(self) -> LocalStore | None:
+        """The store for commands that only read: None when its root does not exist, so
+        ``index list`` or ``ztoc info`` never create one as a side effect."""
+        if self._store is None and not os.path.isdir(self.config.root):
+            return None
+        return self.store
 
     @property
     def client(self) -> RegistryClient:

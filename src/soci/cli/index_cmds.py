@@ -34,9 +34,11 @@ def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
     any repository), or the repository an index was fetched from (used for that one only).
     """
     manifests = None
+    store = app.existing_store()
     if ref is not None:
-        manifests = app.store.db.manifests_for_ref(str(parse_image_name(ref)))
-    records = app.store.db.indexes(manifest_digests=manifests)
+        name = str(parse_image_name(ref))
+        manifests = store.db.manifests_for_ref(name) if store else []
+    records = store.db.indexes(manifest_digests=manifests) if store else []
     if platform is not None:
         want = Platform.parse(platform)
         records = [r for r in records if r.platform and Platform.parse(r.platform).matches(want)]
@@ -57,9 +59,12 @@ index.add_command(index_list, "ls")
 def index_info(app: App, digest: str) -> None:
     """Print a SOCI index manifest."""
     check_digest(digest)
-    if app.store.db.ztoc(digest) is not None:
+    store = app.existing_store()
+    if store is None:
+        raise NotFoundError(f"SOCI index {digest} is not in {app.config.root} (no store there)")
+    if store.db.ztoc(digest) is not None:
         raise NotFoundError(f"{digest} is a zTOC: use soci ztoc info")
-    click.echo(json.dumps(json.loads(app.store.content.read_blob(digest)), indent=2))
+    click.echo(json.dumps(json.loads(store.content.read_blob(digest)), indent=2))
 
 
 @index.command("rm")

@@ -45,9 +45,12 @@ class RegistryBlob:
 def _load(app: App, what: str) -> tuple[Ztoc, bytes]:
     """A zTOC by digest (from the local store) or by file path."""
     if _DIGEST.match(what):
-        if app.store.db.index(what) is not None:
+        store = app.existing_store()
+        if store is None:
+            raise NotFoundError(f"zTOC {what} is not in {app.config.root} (no store there)")
+        if store.db.index(what) is not None:
             raise SociError(f"{what} is a SOCI index: use soci index info")
-        data = app.store.content.read_blob(what)
+        data = store.content.read_blob(what)
     else:
         with open(what, "rb") as f:
             data = f.read()
@@ -180,14 +183,17 @@ def ztoc_get_file(app: App, what: str, path: str, layer: str | None, ref: str | 
 def ztoc_list(app: App, ztoc_digest: str | None, image_ref: str | None, quiet: bool,
               as_json: bool) -> None:
     """List the zTOCs in the local store."""
-    records = app.store.db.ztocs()
+    store = app.existing_store()
+    records = store.db.ztocs() if store else []
     if ztoc_digest:
         records = [r for r in records if r.digest == ztoc_digest]
     if image_ref:
         name = str(parse_image_name(image_ref))
-        manifests = app.store.db.manifests_for_ref(name)
-        wanted = {z for i in app.store.db.indexes(manifest_digests=manifests)
-                  for z in app.store.db.ztocs_of_index(i.digest)}
+        wanted: set[str] = set()
+        if store is not None:
+            manifests = store.db.manifests_for_ref(name)
+            wanted = {z for i in store.db.indexes(manifest_digests=manifests)
+                      for z in store.db.ztocs_of_index(i.digest)}
         records = [r for r in records if r.digest in wanted]
     listing(records, quiet=quiet, as_json=as_json,
             headers=["DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE"],
