@@ -247,3 +247,53 @@ def test_read_only_commands_do_not_create_the_store(tmp_path: Path) -> None:
                 f"Error: {'SOCI index' if args[0] == 'index' else 'zTOC'} {digest} is not in "
                 f"{root} (no store there)")
         assert not root.exists(), args
+
+
+def test_digest_prefixes(tmp_path: Path) -> None:
+    """Unique prefixes work wherever an index or zTOC digest is taken; an ambiguous or
+    unmatched one is a clear error. 16 layers give 17 digests: two must share a first digit."""
+    import json
+    from collections import Counter
+
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({f"f{i}": b"%d" % i * 5000}) for i in range(16)])
+    root = str(tmp_path / "root")
+    assert soci("create", "--root", root, "--min-layer-size", "0",
+                f"oci:{layout}:v1").returncode == 0
+    index = soci("index", "ls", "-q", "--root", root).stdout.split()
+    ztocs = soci("ztoc", "ls", "-q", "--root", root).stdout.split()
+    assert len(index) == 1 and len(ztocs) == 16
+    full = soci("index", "info", index[0], "--root", root)
+    assert full.returncode == 0, full.stderr
+    digests = index + ztocs
+
+    def unique(d: str) -> str:
+        """The shortest prefix of ``d`` no other digest shares."""
+        n = 1
+        while any(o != d and o[7:7 + n] == d[7:7 + n] for o in digests):
+            n += 1
+        return d[7:7 + n]
+
+    for prefix in (unique(index[0]), "sha256:" + unique(index[0]), index[0][7:19]):
+        got = soci("index", "info", prefix, "--root", root)
+        assert got.returncode == 0 and got.stdout == full.stdout, (prefix, got.stderr)
+    z = ztocs[5]
+    info = soci("ztoc", "info", unique(z), "--root", root)
+    assert info.returncode == 0 and json.loads(info.stdout)["num_files"] == 1, info.stderr
+    listed = soci("ztoc", "ls", "-q", "--ztoc-digest", z[7:19], "--root", root)
+    assert listed.stdout.split() == [z]
+    wrong_kind = soci("index", "info", unique(z), "--root", root)
+    assert wrong_kind.stderr.strip() == f"Error: {z} is a zTOC: use soci ztoc info"
+
+    shared = next(c for c, n in Counter(d[7] for d in digests).items() if n > 1)
+    for args in (("index", "info", shared), ("ztoc", "info", shared)):
+        amb = soci(*args, "--root", root)
+        assert amb.returncode == 1
+        assert amb.stderr.startswith(f"Error: {shared} is ambiguous: ")
+        assert amb.stderr.rstrip().endswith("give more digits")
+    missing = next(p for p in (f"{i:x}" * 8 for i in range(16))
+                   if not any(d[7:].startswith(p) for d in digests))
+    nomatch = soci("index", "info", missing, "--root", root)
+    assert nomatch.stderr.strip() == (
+        f"Error: no SOCI index digest starts with {missing} in {root}")
+    assert "invalid digest" in soci("index", "info", "junk", "--root", root).stderr

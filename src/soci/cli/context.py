@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -14,10 +15,13 @@ import click
 
 from soci.artifacts import LocalStore
 from soci.config import Config, load_config
-from soci.errors import SociError
+from soci.errors import NotFoundError, SociError
+from soci.oci.descriptor import check_digest
 from soci.registry import RegistryClient
 
 F = TypeVar("F", bound=Callable[..., Any])
+_FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_DIGEST_PREFIX = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})\Z")
 
 
 class App:
@@ -56,6 +60,31 @@ class App:
         if self._store is None and not os.path.isdir(self.config.root):
             return None
         return self.store
+
+    def resolve_digest(self, text: str, what: str) -> str:
+        """A full digest for ``text``: itself when complete, else the one SOCI index or zTOC
+        in the store whose hex digits start with it (``7e98a66a`` or ``sha256:7e98a66a``).
+
+        Both kinds are searched whatever ``what`` names, so giving a zTOC's prefix to an
+        index command still gets that command's "is a zTOC" answer."""
+        if _FULL_DIGEST.match(text):
+            return text
+        m = _DIGEST_PREFIX.match(text)
+        if m is None:
+            return check_digest(text)  # raises: says what a digest looks like
+        prefix = "sha256:" + m.group(1)
+        store = self.existing_store()
+        found: set[str] = set()
+        if store is not None:
+            found = {r.digest for r in store.db.indexes() if r.digest.startswith(prefix)}
+            found |= {r.digest for r in store.db.ztocs() if r.digest.startswith(prefix)}
+        if not found:
+            raise NotFoundError(f"no {what} digest starts with {text} in {self.config.root}")
+        if len(found) > 1:
+            shown = ", ".join(sorted(d[7:19] for d in found))
+            raise SociError(f"{text} is ambiguous: {len(found)} digests start with it "
+                            f"({shown}); give more digits")
+        return found.pop()
 
     @property
     def client(self) -> RegistryClient:

@@ -11,7 +11,7 @@ from soci.cli.context import App, one_line_errors, pass_app
 from soci.cli.output import listing
 from soci.errors import NotFoundError
 from soci.image.names import parse_image_name
-from soci.oci.descriptor import Platform, check_digest
+from soci.oci.descriptor import Platform
 
 
 @click.group()
@@ -57,8 +57,8 @@ index.add_command(index_list, "ls")
 @pass_app
 @one_line_errors
 def index_info(app: App, digest: str) -> None:
-    """Print a SOCI index manifest."""
-    check_digest(digest)
+    """Print a SOCI index manifest (DIGEST may be a unique prefix, as 7e98a66a)."""
+    digest = app.resolve_digest(digest, "SOCI index")
     store = app.existing_store()
     if store is None:
         raise NotFoundError(f"SOCI index {digest} is not in {app.config.root} (no store there)")
@@ -72,10 +72,10 @@ def index_info(app: App, digest: str) -> None:
 @pass_app
 @one_line_errors
 def index_rm(app: App, digests: tuple[str, ...]) -> None:
-    """Remove SOCI indexes (and the zTOCs no remaining index uses)."""
+    """Remove SOCI indexes (and the zTOCs no remaining index uses); digests may be unique
+    prefixes."""
     store = app.store
-    for digest in digests:
-        check_digest(digest)
+    for digest in [app.resolve_digest(d, "SOCI index") for d in digests]:
         if store.db.index(digest) is None and not store.content.has_blob(digest):
             raise NotFoundError(f"no SOCI index {digest} in {store.root}")
         orphans = store.db.remove_index(digest)

@@ -30,6 +30,7 @@ from soci.ztoc import (
 )
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
+_HEXISH = re.compile(r"(?:sha256:)?[0-9a-f]+\Z")
 
 
 class RegistryBlob:
@@ -42,19 +43,21 @@ class RegistryBlob:
         return self.client.get_blob_range(self.ref, self.digest, offset, offset + size)
 
 
-def _load(app: App, what: str) -> tuple[Ztoc, bytes]:
-    """A zTOC by digest (from the local store) or by file path."""
+def _load(app: App, what: str) -> tuple[Ztoc, bytes, str | None]:
+    """A zTOC by digest or unique digest prefix (from the local store) or by file path, and
+    its full digest when it came from the store."""
+    if not _DIGEST.match(what) and not os.path.exists(what) and _HEXISH.match(what):
+        what = app.resolve_digest(what, "zTOC")
     if _DIGEST.match(what):
         store = app.existing_store()
         if store is None:
             raise NotFoundError(f"zTOC {what} is not in {app.config.root} (no store there)")
         if store.db.index(what) is not None:
             raise SociError(f"{what} is a SOCI index: use soci index info")
-        data = store.content.read_blob(what)
-    else:
-        with open(what, "rb") as f:
-            data = f.read()
-    return decode(data), data
+        return decode(data := store.content.read_blob(what)), data, what
+    with open(what, "rb") as f:
+        data = f.read()
+    return decode(data), data, None
 
 
 @click.group()
@@ -101,12 +104,12 @@ def ztoc_build(layer: str, span_size: int, output: str | None, quiet: bool) -> N
 
 
 @ztoc.command("info")
-@click.argument("what", metavar="DIGEST|FILE")
+@click.argument("what", metavar="DIGEST|PREFIX|FILE")
 @pass_app
 @one_line_errors
 def ztoc_info(app: App, what: str) -> None:
     """Print a zTOC (from the local store by digest, or a file) as JSON, with upstream's fields."""
-    z, data = _load(app, what)
+    z, data, _ = _load(app, what)
     zinfo = zinfo_of(z)
     files = []
     multi = 0
@@ -128,7 +131,7 @@ def ztoc_info(app: App, what: str) -> None:
 
 
 @ztoc.command("get-file")
-@click.argument("what", metavar="DIGEST|FILE")
+@click.argument("what", metavar="DIGEST|PREFIX|FILE")
 @click.argument("path")
 @click.option("--layer", type=click.Path(dir_okay=False), help="The layer blob, as a file.")
 @click.option("--ref", help="Read the layer lazily from this image's repository.")
@@ -143,11 +146,11 @@ def ztoc_get_file(app: App, what: str, path: str, layer: str | None, ref: str | 
     The layer comes from --layer FILE, from the registry with --ref (only the
     spans holding the file are fetched), or from the local content store.
     """
-    z, _ = _load(app, what)
+    z, _, digest = _load(app, what)
     entry = find_file(z, path)
     layer_digest = None
-    if _DIGEST.match(what):
-        rec = app.store.db.ztoc(what)
+    if digest is not None:
+        rec = app.store.db.ztoc(digest)
         layer_digest = rec.layer_digest if rec else None
     if layer is not None:
         with FileBlob(layer) as blob:
@@ -174,7 +177,7 @@ def ztoc_get_file(app: App, what: str, path: str, layer: str | None, ref: str | 
 
 
 @ztoc.command("list")
-@click.option("--ztoc-digest", help="Only this zTOC.")
+@click.option("--ztoc-digest", help="Only this zTOC (a digest or its first digits).")
 @click.option("--image-ref", help="Only zTOCs of indexes created for this image reference.")
 @click.option("-q", "--quiet", is_flag=True, help="Print digests only.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -185,8 +188,9 @@ def ztoc_list(app: App, ztoc_digest: str | None, image_ref: str | None, quiet: b
     """List the zTOCs in the local store."""
     store = app.existing_store()
     records = store.db.ztocs() if store else []
-    if ztoc_digest:
-        records = [r for r in records if r.digest == ztoc_digest]
+    if ztoc_digest:  # a full digest or a prefix of one
+        want = ztoc_digest if ztoc_digest.startswith("sha256:") else "sha256:" + ztoc_digest
+        records = [r for r in records if r.digest.startswith(want)]
     if image_ref:
         name = str(parse_image_name(image_ref))
         wanted: set[str] = set()
