@@ -1,34 +1,87 @@
 """Build the Cython core.
 
-``zran`` links zlib: the system's by default, or a static zlib-ng (built in
-zlib-compatible mode) when ``SOCI_ZLIB_PREFIX`` names its install prefix.
-zlib-ng inflates about twice as fast; ``ci/build-zlib-ng.sh`` builds it from
-the PyPI source distribution of the ``zlib-ng`` package. Its symbols are kept
-private to the extension so they never mix with the system zlib that
-CPython's own ``zlib`` module has loaded.
+``zran`` links zlib: a static zlib-ng (built in zlib-compatible mode) by
+default, since it inflates about twice as fast, or the system's. The zlib-ng
+install prefix is, in order: ``SOCI_ZLIB_PREFIX``; ``.build/zlib-ng/prefix``
+when ``ci/build-zlib-ng.sh`` has built it; or, when cmake is on PATH, a fresh
+build by that script (from the PyPI source distribution of ``zlib-ng``) during
+this build. Without cmake, or when that build fails, the core links the
+system zlib and the build says so once. ``SOCI_ZLIB=system`` opts out of
+zlib-ng. zlib-ng's symbols are kept private to the extension so they never mix
+with the system zlib that CPython's own ``zlib`` module has loaded.
 """
 
 import os
+import shutil
+import subprocess
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOCAL_ZLIB_NG = os.path.join(HERE, ".build", "zlib-ng", "prefix")
+BUILD_SCRIPT = os.path.join(HERE, "ci", "build-zlib-ng.sh")
+HOW_TO_FAST = (
+    "for the fast core install a soci wheel, or install cmake (and network access to PyPI) "
+    "and rebuild, or run ci/build-zlib-ng.sh and set SOCI_ZLIB_PREFIX to the prefix it prints"
+)
 
-LOCAL_ZLIB_NG = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".build", "zlib-ng",
-                             "prefix")
+
+def say(message: str) -> None:
+    """One line on stderr, which pip shows (with -v) and build tools show always."""
+    print(f"soci build: {message}", file=sys.stderr, flush=True)
+
+
+def build_zlib_ng() -> str | None:
+    """Build zlib-ng with ci/build-zlib-ng.sh; its prefix, or None (and why) when it cannot."""
+    if not os.path.exists(BUILD_SCRIPT):
+        return None
+    if shutil.which("cmake") is None:
+        say(f"cmake not found: linking the SYSTEM zlib (zTOC builds take about 1.5x as long); "
+            f"{HOW_TO_FAST}")
+        return None
+    # pip's isolated build environment hides the interpreter's own site-packages (and pip)
+    # through PYTHONPATH; the script downloads with pip, so it runs without that overlay.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    env.setdefault("PYTHON", sys.executable)
+    say("building zlib-ng for the fast core (cmake; SOCI_ZLIB=system skips this)")
+    done = subprocess.run(["bash", BUILD_SCRIPT], env=env, stdout=subprocess.PIPE, text=True)
+    prefix = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode != 0 or not os.path.exists(os.path.join(prefix, "lib", "libz.a")):
+        say(f"building zlib-ng failed (see above): linking the SYSTEM zlib (zTOC builds take "
+            f"about 1.5x as long); {HOW_TO_FAST}")
+        return None
+    return prefix
+
+
+# setuptools runs this file for metadata (egg_info, dist_info, sdist) as well as for the build;
+# only a build links zran, so only a build makes zlib-ng or speaks about it (once).
+BUILDING = any(
+    cmd in sys.argv[1:]
+    for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install")
+)
 
 
 def zlib_options() -> dict:
-    """zlib-ng when SOCI_ZLIB_PREFIX names it or ci/build-zlib-ng.sh has built it, else system."""
+    """Compile and link options for zran: static zlib-ng wherever possible, else system zlib."""
+    if not BUILDING:
+        return {"libraries": ["z"]}
     prefix = os.environ.get("SOCI_ZLIB_PREFIX")
-    if not prefix and os.environ.get("SOCI_ZLIB") != "system":
+    if not prefix:
+        if os.environ.get("SOCI_ZLIB") == "system":
+            say("SOCI_ZLIB=system: linking the system zlib")
+            return {"libraries": ["z"]}
         if os.path.exists(os.path.join(LOCAL_ZLIB_NG, "lib", "libz.a")):
             prefix = LOCAL_ZLIB_NG
-    if not prefix:
-        return {"libraries": ["z"]}
+        else:
+            prefix = build_zlib_ng()
+            if prefix is None:
+                return {"libraries": ["z"]}
     static = os.path.join(prefix, "lib", "libz.a")
     if not os.path.exists(static):
         raise SystemExit(f"SOCI_ZLIB_PREFIX={prefix}: {static} not found")
+    say(f"linking zlib-ng statically from {prefix}")
     return {
         "include_dirs": [os.path.join(prefix, "include")],
         "extra_objects": [static],
