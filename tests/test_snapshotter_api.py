@@ -21,6 +21,7 @@ from images import big_file, busybox_layer, files_layer, write_image
 from registryd import FaultProxy, Registry, push_layout
 from snapshotterenv import SnapshotterDaemon, mounted
 from soci.containerd.api import snapshots_pb2 as pb
+from soci.image.resolve import chain_ids
 from storeenv import is_mounted, soci
 
 FILES = {f"opt/data/blob{i}.bin": big_file(f"s{i}", 4_000_000) for i in range(6)}
@@ -52,14 +53,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         yield {"tmp": tmp, "host": proxy.host, "proxy": proxy,
                "manifest_digest": "sha256:" + hashlib.sha256(raw).hexdigest(),
                "layers": manifest["layers"], "diff_ids": config["rootfs"]["diff_ids"]}
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else
-                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
 
 
 def layer_labels(world: dict, i: int, repo: str = "app:v1") -> dict[str, str]:

@@ -25,12 +25,12 @@ from images import busybox_layer, files_layer, write_image, write_multiarch
 from registryd import FaultProxy, Registry, push_layout
 from soci.containerd.pull import (
     LABEL_IMAGE_LAYERS,
-    chain_ids,
     child_gc_labels,
     joined_within,
     merged_sources,
     registry_hostname,
 )
+from soci.image.resolve import chain_ids
 from soci.oci.descriptor import Descriptor
 
 HELLO = b"hello from a containerd pull\n" * 3

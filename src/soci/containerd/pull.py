@@ -23,7 +23,6 @@ its gRPC API, plus the labels a remote snapshotter reads:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +33,7 @@ import grpc
 from soci.containerd.client import MAX_LABEL_SIZE, Containerd, ContainerdError
 from soci.errors import DigestMismatchError, SociError
 from soci.image.names import ImageName
-from soci.image.resolve import MAX_CONFIG_SIZE, resolve_image
+from soci.image.resolve import MAX_CONFIG_SIZE, chain_ids, resolve_image
 from soci.image.sources import RegistrySource
 from soci.oci import boundedjson
 from soci.oci import mediatypes as mt
@@ -121,16 +120,6 @@ class PullResult:
 # -- what containerd computes, computed the same way -------------------------------------
 
 
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """The OCI chain IDs: the first diff ID, then sha256 of "<parent chain ID> <diff ID>"."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if not out:
-            out.append(diff_id)
-        else:
-            text = f"{out[-1]} {diff_id}".encode()
-            out.append("sha256:" + hashlib.sha256(text).hexdigest())
-    return out
 
 
 def label_fits(key: str, value: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,3 +121,15 @@ def resolve_image(source: ImageSource, platforms: list[Platform] | None = None,
         images.append(PlatformImage(top, desc, Manifest.parse(child, desc.media_type), child,
                                     desc.platform or Platform("", "")))
     return ResolvedImage(top, data, index, images)
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The OCI chain IDs: the first diff ID, then sha256 of "<parent chain ID> <diff ID>"."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        if not out:
+            out.append(diff_id)
+        else:
+            text = f"{out[-1]} {diff_id}".encode()
+            out.append("sha256:" + hashlib.sha256(text).hexdigest())
+    return out

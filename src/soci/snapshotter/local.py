@@ -18,7 +18,6 @@ containerd asks for them, and are dropped if it never does.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +26,7 @@ import time
 
 from soci.errors import SociError
 from soci.fsutil import PRIVATE_DIR, make_dirs
+from soci.image.resolve import chain_ids
 from soci.serve.layers import ImageLayers, LayerManager
 from soci.snapshotter import labels as lb
 from soci.snapshotter.remote import image_name
@@ -36,15 +36,6 @@ log = logging.getLogger("soci.snapshotter.local")
 
 #: Seconds an unpacked layer nobody asked for is kept.
 UNCLAIMED_SEC = 600.0
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """The snapshot names containerd gives an image's layers (OCI image spec chain IDs)."""
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else
-                   "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
 
 
 class LocalLayers:
