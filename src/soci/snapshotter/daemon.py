@@ -23,13 +23,12 @@ from soci.artifacts import LocalStore
 from soci.artifacts.store import RootLock, secure_root
 from soci.containerd.api import snapshots_pb2_grpc
 from soci.errors import SociError
-from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_DIR, PRIVATE_UMASK, make_dirs
-from soci.registry import CredentialStore, RegistryClient
+from soci.registry import CredentialStore
 from soci.serve.background import BackgroundFetcher
-from soci.serve.fusefs import LayerFS, serve_until_signal
-from soci.serve.layers import LayerManager
-from soci.serve.metrics import Metrics, serve_http
+from soci.serve.core import serving_core
+from soci.serve.fusefs import serve_until_signal
+from soci.serve.metrics import serve_http
 from soci.serve.mounts import cleanup_stale_mount
 from soci.serve.process import sd_notify, setup_logging
 from soci.snapshotter.config import SnapshotterConfig, load_snapshotter_config
@@ -75,17 +74,8 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         cleanup_stale_mount(mountpoint)
         make_dirs(mountpoint, PRIVATE_DIR)
         store = stack.enter_context(LocalStore(root))
-        client = RegistryClient(plain_http=store_cfg.plain_http, hosts_dir=store_cfg.hosts_dir,
-                                retries=store_cfg.max_retries,
-                                timeout=store_cfg.fetching_timeout_sec,
-                                credentials=CredentialStore(),
-                                backoff=store_cfg.min_wait_msec / 1000,
-                                max_backoff=store_cfg.max_wait_msec / 1000)
-        memory = MemoryCache(store_cfg.memory_bytes)
-        disk = DiskCache(os.path.join(root, "cache", "spans"), store_cfg.disk_bytes)
-        metrics = Metrics()
-        manager = LayerManager(store, client, memory, disk, metrics=metrics)
-        fs = LayerFS(manager, metrics, store_cfg.attr_timeout)
+        fs, metrics = serving_core(store_cfg, store, CredentialStore())
+        manager = fs.manager
         options = {"fsname=soci-snapshotter", "subtype=soci", "allow_other",
                    "default_permissions"}
         if debug_fuse:

@@ -19,13 +19,12 @@ from soci import __version__
 from soci.artifacts import LocalStore
 from soci.artifacts.store import RootLock, secure_root
 from soci.errors import SociError
-from soci.fs.cache import DiskCache, MemoryCache
 from soci.fsutil import PRIVATE_UMASK
-from soci.registry import CredentialStore, RegistryClient
+from soci.registry import CredentialStore
 from soci.serve.background import BackgroundFetcher
-from soci.serve.fusefs import LayerFS, serve_until_signal
-from soci.serve.layers import LayerManager
-from soci.serve.metrics import Metrics, serve_http
+from soci.serve.core import serving_core
+from soci.serve.fusefs import serve_until_signal
+from soci.serve.metrics import serve_http
 from soci.serve.mounts import cleanup_stale_mount
 from soci.serve.process import sd_notify, setup_logging
 from soci.store.config import StoreConfig, load_store_config
@@ -49,18 +48,10 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         os.makedirs(mountpoint, exist_ok=True)
         store = stack.enter_context(LocalStore(config.root))
         keychain = CredentialStore()
-        client = RegistryClient(plain_http=config.plain_http, hosts_dir=config.hosts_dir,
-                                retries=config.max_retries,
-                                timeout=config.fetching_timeout_sec, credentials=keychain,
-                                backoff=config.min_wait_msec / 1000,
-                                max_backoff=config.max_wait_msec / 1000)
         socket_path = credentials_socket or os.path.join(config.root, "credentials.sock")
         stack.callback(serve_credentials(socket_path, keychain).close)
-        memory = MemoryCache(config.memory_bytes)
-        disk = DiskCache(os.path.join(config.root, "cache", "spans"), config.disk_bytes)
-        metrics = Metrics()
-        manager = LayerManager(store, client, memory, disk, metrics=metrics)
-        fs = LayerFS(manager, metrics, config.attr_timeout)
+        fs, metrics = serving_core(config, store, keychain)
+        manager = fs.manager
         options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
         if debug_fuse:
             options.add("debug")
