@@ -29,6 +29,7 @@ import signal
 import stat
 import time
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -427,9 +428,13 @@ class LayerFS(pyfuse3.Operations):
         pass  # inodes live as long as the daemon: the layers are immutable
 
 
-def serve_until_signal(fs: LayerFS, release_grace_sec: float) -> None:
+def serve_until_signal(fs: LayerFS, release_grace_sec: float,
+                       on_ready: Callable[[], None]) -> None:
     """Serve the mounted ``fs`` until SIGINT or SIGTERM, unmounting layers nobody has used
-    for ``release_grace_sec`` on the way (pyfuse3.init must have been called)."""
+    for ``release_grace_sec`` on the way (pyfuse3.init must have been called).
+
+    ``on_ready`` (log "serving", tell systemd) runs once the signals are ours: a SIGTERM sent
+    as soon as the daemon says it is ready must stop it cleanly, not kill it."""
 
     async def release_idle_layers() -> None:
         while True:
@@ -441,6 +446,7 @@ def serve_until_signal(fs: LayerFS, release_grace_sec: float) -> None:
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(release_idle_layers)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                on_ready()
                 async for signum in signals:
                     log.info("signal %d: stopping", signum)
                     nursery.cancel_scope.cancel()

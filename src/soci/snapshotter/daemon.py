@@ -105,12 +105,15 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
             http_server = serve_http(config.metrics_address, metrics, manager, mountpoint)
             if http_server is not None:
                 stack.callback(http_server.shutdown)
-        log.info("soci-snapshotter-grpc %s serving %s (root %s, %d snapshots)", __version__,
-                 config.address, root, len(snapshots.meta.all()))
-        sd_notify(f"READY=1\nSTATUS=serving {config.address}")
+
+        def ready() -> None:
+            log.info("soci-snapshotter-grpc %s serving %s (root %s, %d snapshots)", __version__,
+                     config.address, root, len(snapshots.meta.all()))
+            sd_notify(f"READY=1\nSTATUS=serving {config.address}")
+
         stack.callback(sd_notify, "STOPPING=1")
 
-        serve_until_signal(fs, store_cfg.release_grace_sec)
+        serve_until_signal(fs, store_cfg.release_grace_sec, ready)
     log.info("soci-snapshotter-grpc stopped")
 
 

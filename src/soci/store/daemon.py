@@ -67,11 +67,15 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
                                      os.path.abspath(mountpoint))
             if http_server is not None:
                 stack.callback(http_server.shutdown)
-        log.info("soci-store %s serving %s (root %s)", __version__, mountpoint, config.root)
-        sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
+
+        def ready() -> None:
+            log.info("soci-store %s serving %s (root %s)", __version__, mountpoint,
+                     config.root)
+            sd_notify(f"READY=1\nSTATUS=serving {mountpoint}")
+
         stack.callback(sd_notify, "STOPPING=1")
 
-        serve_until_signal(fs, config.release_grace_sec)
+        serve_until_signal(fs, config.release_grace_sec, ready)
     log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
 
 
