@@ -127,6 +127,16 @@ class MetaStore:
         with self._lock:
             return {r[0] for r in self._db.execute("SELECT id FROM snapshots")}
 
+    def counts(self) -> dict[str, int]:
+        """Snapshots by kind, and how many are served lazily, counted by the database."""
+        out = {k.name.lower(): 0 for k in Kind}
+        with self._lock:
+            for kind, n in self._db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"):
+                out[Kind(kind).name.lower()] = n
+            out["lazy"] = self._db.execute(
+                "SELECT COUNT(*) FROM snapshots WHERE remote IS NOT NULL").fetchone()[0]
+        return out
+
     def has_children(self, key: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM snapshots WHERE parent = ? LIMIT 1",
@@ -145,3 +155,21 @@ class MetaStore:
         assert cur.lastrowid is not None
         return Snapshot(cur.lastrowid, key, parent, kind, labels, now, now, size, inodes,
                         remote)
+
+    @staticmethod
+    def commit(db: sqlite3.Connection, id: int, name: str, labels: dict[str, str], size: int,
+               inodes: int) -> None:
+        """Turn an active snapshot into a committed one under its new name."""
+        db.execute("UPDATE snapshots SET key = ?, kind = ?, labels = ?, size = ?, inodes = ?, "
+                   "updated_ns = ? WHERE id = ?",
+                   (name, int(Kind.COMMITTED), json.dumps(labels, sort_keys=True), size,
+                    inodes, time.time_ns(), id))
+
+    @staticmethod
+    def set_labels(db: sqlite3.Connection, id: int, labels: dict[str, str]) -> None:
+        db.execute("UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
+                   (json.dumps(labels, sort_keys=True), time.time_ns(), id))
+
+    @staticmethod
+    def delete(db: sqlite3.Connection, id: int) -> None:
+        db.execute("DELETE FROM snapshots WHERE id = ?", (id,))

@@ -13,14 +13,12 @@ unpacked by us, the snapshot is committed under that name at once and Prepare an
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import sqlite3
 import stat
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -336,10 +334,7 @@ class Snapshots:
             if self.meta.get(name) is not None:
                 raise SnapshotExists(f"snapshot {name!r} already exists")
             size, inodes = disk_usage(self._fs(s))
-            db.execute("UPDATE snapshots SET key = ?, kind = ?, labels = ?, size = ?, "
-                       "inodes = ?, updated_ns = ? WHERE id = ?",
-                       (name, int(Kind.COMMITTED), _dumps(labels), size, inodes, _now_ns(),
-                        s.id))
+            MetaStore.commit(db, s.id, name, labels, size, inodes)
         shutil.rmtree(self._work(s), ignore_errors=True)
         log.debug("snapshot %s committed as %s (%d bytes, %d inodes)", key, name, size, inodes)
         return self.stat(name)
@@ -349,7 +344,7 @@ class Snapshots:
             s = self.stat(key)
             if self.meta.has_children(key):
                 raise SnapshotPrecondition(f"snapshot {key!r} has children: remove them first")
-            db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,))
+            MetaStore.delete(db, s.id)
         self._remove_dir(s.id)
         if s.remote is not None and self.lazy is not None:
             self.lazy.release(s.remote)
@@ -377,8 +372,7 @@ class Snapshots:
             # Our own mark of a lazy layer stays, whatever a client asks.
             if s.remote is not None:
                 new[lb.REMOTE] = lb.REMOTE_VALUE
-            db.execute("UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
-                       (_dumps(new), _now_ns(), s.id))
+            MetaStore.set_labels(db, s.id, new)
         return self.stat(key)
 
     def cleanup(self) -> int:
@@ -400,23 +394,10 @@ class Snapshots:
 
     def counts(self) -> dict[str, int]:
         """Snapshots by kind, and how many of the committed ones are served lazily."""
-        out = {k.name.lower(): 0 for k in Kind}
-        out["lazy"] = 0
-        for s in self.meta.all():
-            out[s.kind.name.lower()] += 1
-            out["lazy"] += s.remote is not None
-        return out
+        return self.meta.counts()
 
     def remotes(self) -> list[Snapshot]:
         return [s for s in self.meta.all() if s.remote is not None]
-
-
-def _dumps(labels: dict[str, str]) -> str:
-    return json.dumps(labels, sort_keys=True)
-
-
-def _now_ns() -> int:
-    return time.time_ns()
 
 
 def _fields(s: Snapshot) -> Callable[[tuple[str, ...]], str | None]:
