@@ -17,7 +17,7 @@ from soci.artifacts import LocalStore
 from soci.config import Config, load_config
 from soci.errors import NotFoundError, SociError
 from soci.oci.descriptor import check_digest
-from soci.registry import RegistryClient
+from soci.registry import RegistryClient, RetryNotice
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -90,12 +90,19 @@ class App:
     def client(self) -> RegistryClient:
         if self._client is None:
             self._client = RegistryClient(plain_http=self.config.plain_http,
-                                          hosts_dir=self.config.hosts_dir)
+                                          hosts_dir=self.config.hosts_dir,
+                                          on_retry=_show_retry)
         return self._client
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+def _show_retry(notice: RetryNotice) -> None:
+    """Say why the command is waiting, on stderr (never mixed into --json or -q output on
+    stdout). Shown with -q too: it is a warning about a stall, not progress."""
+    click.echo(f"Warning: {notice}", err=True)
 
 
 pass_app = click.make_pass_decorator(App)

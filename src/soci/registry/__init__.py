@@ -39,6 +39,7 @@ from soci.registry.config import (
 )
 from soci.registry.hosts import HostsConfigError, RegistryHosts, TLSConfig
 from soci.registry.reference import DOCKER_HUB, Reference, validate_digest
+from soci.registry.transport import RetryNotice
 
 __all__ = [
     "DEFAULT_ACCEPT",
@@ -58,6 +59,7 @@ __all__ = [
     "Mirror",
     "PushedManifest",
     "Reference",
+    "RetryNotice",
     "RegistriesConf",
     "RegistriesConfError",
     "RegistryClient",
