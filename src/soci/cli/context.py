@@ -99,6 +99,20 @@ class App:
             self._store.close()
 
 
+def short_digest(digest: str | None, no_trunc: bool = False) -> str:
+    """A digest as tables show it: 12 hex digits without ``sha256:`` (``podman images``'
+    IMAGE ID), or whole with ``--no-trunc``. JSON and ``-q`` always print it whole."""
+    if not digest:
+        return ""
+    if no_trunc:
+        return digest
+    return digest.partition(":")[2][:12] or digest[:12]
+
+
+no_trunc_option = click.option("--no-trunc", is_flag=True,
+                               help="Print whole digests (tables show the first 12 digits).")
+
+
 def _show_retry(notice: RetryNotice) -> None:
     """Say why the command is waiting, on stderr (never mixed into --json or -q output on
     stdout). Shown with -q too: it is a warning about a stall, not progress."""
