@@ -72,6 +72,19 @@ def _hint_empty(store: LocalStore, ref: str | None) -> None:
 index.add_command(index_list, "ls")
 
 
+def earlier_indexes_note(store: LocalStore, manifest_digest: str, new_digest: str) -> str | None:
+    """What a second ``create`` of one image did with the first index, in one line. As
+    upstream soci does, both are kept (the database is keyed by index digest); this image's
+    mapping now names the new one, so push and the daemons use it."""
+    older = [r.digest for r in store.db.indexes(manifest_digests=[manifest_digest])
+             if r.digest != new_digest and not r.source]
+    if not older:
+        return None
+    shown = " ".join(short_digest(d) for d in older)
+    return (f"Note: kept {len(older)} earlier SOCI index(es) of this image ({shown}); push "
+            f"and soci-store use the new one; soci index rm {shown} removes the old")
+
+
 @index.command("info")
 @click.argument("digest")
 @pass_app
