@@ -29,3 +29,14 @@ def ensure_layer(path: str | Path = DEFAULT_LAYER) -> Path:
               "(once; a few minutes)", file=sys.stderr)
         subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
     return layer
+
+
+def require_modules(*names: str) -> None:
+    """Stop at start-up, with how to install them, if baseline libraries are missing (they are
+    the ``bench`` extra, not dependencies of soci)."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        raise SystemExit(f"this benchmark's baselines need {', '.join(missing)}: "
+                         "pip install -e '.[bench]' (or pip install " + " ".join(missing) + ")")
