@@ -531,3 +531,16 @@ def test_benchmarks_start_from_a_fresh_clone(tmp_path: Path) -> None:
         assert proc.returncode == 1 and "pip install -e '.[bench]'" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr
+
+
+def test_archive_output_in_a_missing_directory_names_the_archive(tmp_path: Path) -> None:
+    """convert to oci-archive: under a directory that does not exist names the archive, not
+    the scratch directory it would have built it in."""
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 5000})])
+    out = tmp_path / "nonexist" / "dir" / "x.tar"
+    proc = soci("convert", "--root", str(tmp_path / "root"), "--min-layer-size", "0", "-q",
+                f"oci:{layout}:v1", f"oci-archive:{out}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: No such file or directory: {out}"
+    assert not (tmp_path / "nonexist").exists()

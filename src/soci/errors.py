@@ -65,3 +65,12 @@ class RegistryError(SociError):
 
 class AuthError(RegistryError):
     """Credentials are missing, rejected, or do not grant the access a request needs."""
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+          list: "a list", dict: "a table"}
+
+
+def kind_name(kind: type) -> str:
+    """How a config error names a value's expected type: "an integer", not "a int"."""
+    return _KINDS.get(kind, f"a {kind.__name__}")
