@@ -33,6 +33,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_create import diff_id  # noqa: E402
 from bench_unpack import make_layers  # noqa: E402
+from benchdata import data_dir, ensure_layer  # noqa: E402
 from containerdenv import Containerd  # noqa: E402
 from images import GzipLayerFile, busybox_layer, write_image  # noqa: E402
 from registryd import Registry  # noqa: E402
@@ -159,10 +160,9 @@ def main() -> None:
     parser.add_argument("--unpack-layers", type=int, default=4)
     args = parser.parse_args()
     layer = Path(args.layer)
-    if "lazy" in args.which and not layer.exists():
-        subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
-    (HERE / ".data").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir:
+    if "lazy" in args.which:
+        layer = ensure_layer(layer)
+    with tempfile.TemporaryDirectory(dir=data_dir()) as scratch_dir:
         scratch = Path(scratch_dir)
         if "lazy" in args.which:
             bench_lazy(scratch, layer, args.bandwidth, args.repeat, args.generation)

@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
+from benchdata import data_dir, ensure_layer  # noqa: E402
 from images import GzipLayerFile, files_layer, write_image  # noqa: E402
 from registryd import Registry  # noqa: E402
 from throttle import ThrottledProxy  # noqa: E402
@@ -66,11 +67,9 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, action="append", default=None,
                         help="also run through a proxy limited to this many MB/s (repeatable)")
     args = parser.parse_args()
-    if not os.path.exists(args.layer):
-        subprocess.run([sys.executable, os.path.join(HERE, "make_layer.py"), args.layer],
-                       check=True)
+    args.layer = str(ensure_layer(args.layer))
     soci = os.path.join(os.path.dirname(sys.executable), "soci")
-    with tempfile.TemporaryDirectory(dir=os.path.join(HERE, ".data")) as scratch, Registry() as reg:
+    with tempfile.TemporaryDirectory(dir=data_dir()) as scratch, Registry() as reg:
         layout = os.path.join(scratch, "layout")
         write_layout(layout, args.layer)
         ref = f"{reg.host}/big:v1"

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_create import diff_id  # noqa: E402
+from benchdata import data_dir, ensure_layer  # noqa: E402
 from images import GzipLayerFile, busybox_layer, write_image  # noqa: E402
 from podmanenv import Podman  # noqa: E402
 from registryd import Registry  # noqa: E402
@@ -65,8 +66,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     layer = Path(args.layer)
-    if not layer.exists():
-        subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
+    layer = ensure_layer(layer)
     with tarfile.open(layer) as tf:
         members = [m for m in tf.getmembers() if m.isreg() and 300_000 < m.size < 3_000_000]
     # The workload: a handful of files spread over the layer, a few MB in all.
@@ -76,7 +76,7 @@ def main() -> None:
     command = ["sh", "-c", f"cat {paths} | sha256sum"]
     soci = str(Path(sys.executable).parent / "soci")
 
-    with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir, Registry() as reg, \
+    with tempfile.TemporaryDirectory(dir=data_dir()) as scratch_dir, Registry() as reg, \
             ThrottledProxy(reg.host, args.bandwidth * 1e6) as slow:
         scratch = Path(scratch_dir)
         write_layout(scratch / "layout", layer)

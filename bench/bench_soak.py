@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from bench_create import write_layout  # noqa: E402
+from benchdata import data_dir, ensure_layer  # noqa: E402
 from images import files_layer, write_image  # noqa: E402
 from registryd import FaultProxy, Registry, push_layout  # noqa: E402
 from storeenv import StoreDaemon  # noqa: E402
@@ -57,14 +58,14 @@ def main() -> None:
     parser.add_argument("--layer", default=str(HERE / ".data" / "usrlib.tar.gz"))
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    layer = Path(args.layer)
+    layer = ensure_layer(args.layer)
     soci = str(Path(sys.executable).parent / "soci")
     with tarfile.open(layer) as tf:
         members = [m for m in tf.getmembers() if m.isreg() and 300_000 < m.size < 3_000_000]
     step = len(members) // 20
     paths = [members[i * step + step // 2].name for i in range(20)]
 
-    with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir, Registry() as reg, \
+    with tempfile.TemporaryDirectory(dir=data_dir()) as scratch_dir, Registry() as reg, \
             FaultProxy(reg.host) as proxy:
         scratch = Path(scratch_dir)
         write_layout(str(scratch / "layout"), str(layer))

@@ -28,6 +28,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from soci._native.zran import inflate_range  # noqa: E402
 
 from bench_create import write_layout  # noqa: E402
+from benchdata import data_dir, ensure_layer  # noqa: E402
 from registryd import FaultProxy, Registry  # noqa: E402
 from soci.registry import Reference, RegistryClient  # noqa: E402
 from soci.ztoc import decode, zinfo_of  # noqa: E402
@@ -61,10 +62,8 @@ def main() -> None:
     parser.add_argument("--min-file", type=int, default=256 << 10)
     args = parser.parse_args()
     layer = Path(args.layer)
-    (HERE / ".data").mkdir(exist_ok=True)
-    if not layer.exists():
-        subprocess.run([sys.executable, str(HERE / "make_layer.py"), str(layer)], check=True)
-    extracted = HERE / ".data" / "usrlib-extracted"
+    layer = ensure_layer(layer)
+    extracted = data_dir() / "usrlib-extracted"
     if not extracted.exists():
         tmp = Path(str(extracted) + ".part")
         tmp.mkdir(exist_ok=True)
@@ -74,7 +73,7 @@ def main() -> None:
         names = [m.name for m in tf.getmembers() if m.isreg() and m.size >= args.min_file]
     soci = str(Path(sys.executable).parent / "soci")
 
-    with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir, Registry() as reg:
+    with tempfile.TemporaryDirectory(dir=data_dir()) as scratch_dir, Registry() as reg:
         scratch = Path(scratch_dir)
         write_layout(str(scratch / "layout"), str(layer))
         ref = f"{reg.host}/big:v1"

@@ -30,6 +30,9 @@ import zlib
 from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+from benchdata import ensure_layer, require_modules  # noqa: E402
+
 SPAN = 4 << 20
 CHUNK = 1 << 20
 
@@ -207,9 +210,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--reads", type=int, default=300)
     args = parser.parse_args()
-    if not os.path.exists(args.layer):
-        make = os.path.join(HERE, "make_layer.py")
-        subprocess.run([sys.executable, make, args.layer], check=True)
+    require_modules("indexed_gzip", "rapidgzip")
+    args.layer = str(ensure_layer(args.layer))
     bench_build(args.layer, args.repeat)
     bench_extract(args.layer, args.reads)
     bench_open(args.repeat)

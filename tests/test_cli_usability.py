@@ -297,3 +297,250 @@ def test_digest_prefixes(tmp_path: Path) -> None:
     assert nomatch.stderr.strip() == (
         f"Error: no SOCI index digest starts with {missing} in {root}")
     assert "invalid digest" in soci("index", "info", "junk", "--root", root).stderr
+
+
+def _bad_layer_images(registry: Registry, tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """Images with a corrupt gzip layer, a truncated one and a zstd one, pushed to the
+    registry: name -> (reference, layer digest). The digests match the broken bytes, so only
+    reading the layer finds what is wrong."""
+    import gzip
+    import hashlib
+
+    from images import GzipLayerFile
+
+    tar = files_layer({"a": hashlib.shake_256(b"a").digest(300_000), "b": b"b" * 300_000})
+    blob = gzip.compress(tar, mtime=0)
+    corrupt = bytearray(blob)
+    corrupt[len(blob) // 2:len(blob) // 2 + 64] = bytes(64)
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    images = {}
+    for name, data in (("corrupt", bytes(corrupt)), ("truncated", blob[:-5000])):
+        (tmp_path / f"{name}.gz").write_bytes(data)
+        written = write_image(tmp_path / name, "v1",
+                              [GzipLayerFile(tmp_path / f"{name}.gz", diff_id)])
+        images[name] = written.layers[0].digest
+    images["zstd"] = write_image(tmp_path / "zstd", "v1", [tar], compress="zstd").layers[0].digest
+    refs = {}
+    for name, digest in images.items():
+        push_layout(tmp_path / name, registry.host, f"bad-{name}:v1", tag="v1")
+        refs[name] = (f"{registry.host}/bad-{name}:v1", digest)
+    return refs
+
+
+def test_bad_layer_errors_name_the_layer_and_the_image(registry: Registry,
+                                                      tmp_path: Path) -> None:
+    """create and convert stop on a corrupt or truncated gzip layer with one line naming the
+    layer digest, the image and what is wrong; a zstd-only image names the image too."""
+    images = _bad_layer_images(registry, tmp_path)
+    root = str(tmp_path / "root")
+    for name, what in (("corrupt", "corrupt gzip data near compressed offset"),
+                       ("truncated", "gzip stream is truncated")):
+        ref, layer = images[name]
+        for args in (("create", ref), ("convert", ref, f"{registry.host}/bad-{name}:soci")):
+            proc = soci("--plain-http", "--root", root, *args, "--min-layer-size", "0", "-q")
+            assert proc.returncode == 1, proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1, proc.stderr
+            assert lines[0].startswith(f"Error: layer {layer} of {ref} (linux/amd64): {what}")
+    ref, layer = images["zstd"]
+    proc = soci("--plain-http", "--root", root, "create", ref, "--min-layer-size", "0")
+    assert proc.returncode == 1
+    assert f"layer {layer} (application/vnd.oci.image.layer.v1.tar+zstd)" in proc.stdout
+    assert proc.stderr.startswith(f"Error: no zTOCs created for {ref} (linux/amd64): ")
+
+
+def test_a_corrupted_download_names_the_layer_and_the_image(image: str, registry: Registry,
+                                                           tmp_path: Path) -> None:
+    """A layer whose bytes change on the way (a proxy flips one) is refused, naming both."""
+    from registryd import FaultProxy
+
+    layers = soci("--plain-http", "--root", str(tmp_path / "r0"), "create", image,
+                  "--min-layer-size", "0")
+    layer = layers.stdout.split()[1]
+    with FaultProxy(registry.host) as proxy:
+        proxy.corrupt(1, match=f"/blobs/{layer}")
+        ref = image.replace(registry.host, proxy.host)
+        proc = soci("--plain-http", "--root", str(tmp_path / "r1"), "create", ref,
+                    "--min-layer-size", "0", "-q")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"Error: layer {layer} of {ref} (linux/amd64): ")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_retry_waits_say_what_they_wait_for(image: str, registry: Registry,
+                                            tmp_path: Path) -> None:
+    """Each wait before a retry prints one line on stderr (with -q too: it is a warning),
+    naming the registry, why, how long and which retry; stdout keeps only results."""
+    import re
+
+    from registryd import FaultProxy, free_port
+
+    port = free_port()
+    proc = soci("--plain-http", "--root", str(tmp_path / "root"), "create", "-q",
+                f"127.0.0.1:{port}/app:v1")
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    said = re.compile(rf"Warning: registry 127\.0\.0\.1:{port} unreachable \(connection "
+                      r"refused\), retrying in \d+\.\d s \((\d)/5\)")
+    waits = [said.fullmatch(line) for line in lines[:-1]]
+    assert all(waits) and [int(m.group(1)) for m in waits] == [1, 2, 3, 4, 5], proc.stderr
+    assert lines[-1].startswith(f"Error: 127.0.0.1:{port}/app:v1: cannot reach")
+    # A registry that is busy for a moment: two waits said, then the work is done.
+    with FaultProxy(registry.host) as proxy:
+        proxy.fail(2, 503, match="/manifests/")
+        ref = image.replace(registry.host, proxy.host)
+        ok = soci("--plain-http", "--root", str(tmp_path / "root"), "create", "-q", ref,
+                  "--min-layer-size", "0")
+    assert ok.returncode == 0, ok.stderr
+    assert [line.split(", retrying")[0] for line in ok.stderr.splitlines()] == [
+        f"Warning: registry {proxy.host} answered HTTP 503"] * 2
+    assert ok.stdout.startswith("sha256:")
+
+
+def test_tables_print_short_digests(tmp_path: Path) -> None:
+    """Tables show 12 hex digits (as podman images does), --no-trunc whole digests; -q and
+    --json always whole."""
+    import json
+
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 5000})])
+    root = str(tmp_path / "root")
+    assert soci("create", "--root", root, "--min-layer-size", "0",
+                f"oci:{layout}:v1").returncode == 0
+    for kind, second in (("index", "manifest_digest"), ("ztoc", "layer_digest")):
+        record = json.loads(soci(kind, "ls", "--json", "--root", root).stdout)[0]
+        full, other = record["digest"], record[second]
+        assert soci(kind, "ls", "-q", "--root", root).stdout.split() == [full]
+        table = soci(kind, "ls", "--root", root).stdout.splitlines()
+        assert table[1].split()[0] == full[7:19] and other[7:19] in table[1].split()
+        assert "sha256:" not in "".join(table)
+        whole = soci(kind, "ls", "--no-trunc", "--root", root).stdout.splitlines()
+        assert whole[1].split()[0] == full and other in whole[1].split()
+
+
+def test_ref_filter_matches_the_names_create_wrote(image: str, registry: Registry,
+                                                   tmp_path: Path) -> None:
+    """--ref is normalised as create stored it: docker.io spellings, docker://, a relative or
+    absolute oci: path; a ref that names nothing hints at the similar refs there are."""
+    root = str(tmp_path / "root")
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 5000})])
+    made = subprocess.run([sys.executable, "-m", "soci.cli", "--root", root, "create", "-q",
+                           "--min-layer-size", "0", "oci:layout:v1"], capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    local = made.stdout.split()[0]
+    for ref in (f"oci:{layout}:v1", f"oci:{tmp_path}/./layout:v1"):
+        assert soci("index", "ls", "-q", "--ref", ref, "--root", root).stdout.split() == [local]
+    pushed = soci("--plain-http", "--root", root, "create", "-q", "--min-layer-size", "0", image)
+    remote = pushed.stdout.split()[0]
+    for ref in (image, f"docker://{image}"):
+        assert soci("index", "ls", "-q", "--ref", ref, "--root", root).stdout.split() == [remote]
+    # The same repository and tag on Docker Hub is another image: nothing, and a hint.
+    missed = soci("index", "ls", "-q", "--ref", "usab:v1", "--root", root)
+    assert missed.stdout == ""
+    assert missed.stderr.strip() == (f"Hint: no index for docker.io/library/usab:v1; there are "
+                                     f"some for {image}")
+
+
+def test_empty_database_over_content_hints_rebuild_db(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 5000})])
+    root = tmp_path / "root"
+    made = soci("create", "-q", "--root", str(root), "--min-layer-size", "0", f"oci:{layout}:v1")
+    for f in root.glob("artifacts.sqlite3*"):
+        f.unlink()
+    empty = soci("index", "ls", "--root", str(root))
+    assert empty.returncode == 0 and len(empty.stdout.splitlines()) == 1
+    assert empty.stderr.strip() == (f"Hint: the database of {root} lists no SOCI index, but its "
+                                    "content store has some: run soci rebuild-db")
+    assert soci("rebuild-db", "--root", str(root)).returncode == 0
+    again = soci("index", "ls", "-q", "--root", str(root))
+    assert again.stdout.split() == made.stdout.split()[:1] and again.stderr == ""
+
+
+def test_second_create_says_what_it_did_with_the_first(tmp_path: Path) -> None:
+    """As upstream soci, a second create of one image (other span size) keeps the first index
+    and says so in one line, with how to remove it; the new one is what push uses."""
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 50000})])
+    root = str(tmp_path / "root")
+    args = ("create", "--root", root, "--min-layer-size", "0", f"oci:{layout}:v1")
+    first = soci(*args)
+    assert first.returncode == 0 and first.stderr == ""
+    second = soci(*args, "--span-size", "10000")
+    assert second.returncode == 0, second.stderr
+    old, new = first.stdout.split()[-6], second.stdout.split()[-6]
+    assert old != new and old.startswith("sha256:")
+    assert second.stderr.strip() == (
+        f"Note: kept 1 earlier SOCI index(es) of this image ({old[7:19]}); push and soci-store "
+        f"use the new one; soci index rm {old[7:19]} removes the old")
+    assert sorted(soci("index", "ls", "-q", "--root", root).stdout.split()) == sorted([old, new])
+    assert soci(*args, "-q").stderr == ""  # -q keeps it quiet
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_shell_completion(program: str) -> None:
+    """Each entry point prints its bash, zsh and fish completion scripts, and completes a
+    subcommand or option the way the scripts ask it to (COMP_WORDS/COMP_CWORD)."""
+    import os
+
+    exe = str(Path(sys.executable).parent / program)
+    var = "_" + program.upper().replace("-", "_") + "_COMPLETE"
+    func = "_" + program.replace("-", "_") + "_completion"
+    for shell in ("bash", "zsh", "fish"):
+        script = subprocess.run([exe], env={**os.environ, var: f"{shell}_source"},
+                                capture_output=True, text=True, timeout=60)
+        assert script.returncode == 0 and func in script.stdout, (shell, script.stderr)
+    words, want = {"soci": ("soci ind", "plain,index"),
+                   "soci-store": ("soci-store --ro", "plain,--root"),
+                   "soci-snapshotter-grpc": ("soci-snapshotter-grpc --log-l",
+                                             "plain,--log-level")}[program]
+    done = subprocess.run([exe], env={**os.environ, var: "bash_complete", "COMP_WORDS": words,
+                                      "COMP_CWORD": "1"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.splitlines() == [want], done.stderr
+    if program == "soci":  # global options after a subcommand complete too
+        opts = subprocess.run([exe], env={**os.environ, var: "bash_complete",
+                                          "COMP_WORDS": "soci create --pl", "COMP_CWORD": "2"},
+                              capture_output=True, text=True, timeout=60)
+        assert "plain,--plain-http" in opts.stdout.splitlines()
+
+
+def test_benchmarks_start_from_a_fresh_clone(tmp_path: Path) -> None:
+    """bench/ as a fresh clone has it (no .data): the scripts make bench/.data, and one whose
+    baseline libraries are missing says how to install them instead of a traceback."""
+    import shutil
+
+    bench = tmp_path / "bench"
+    src = Path(__file__).resolve().parent.parent / "bench"
+    shutil.copytree(src, bench, ignore=shutil.ignore_patterns(".data", "__pycache__"))
+    layer = _gzip_tar(tmp_path / "tiny.tar.gz")
+    made = subprocess.run([sys.executable, "-c", "import benchdata, sys; "
+                           f"print(benchdata.ensure_layer({str(layer)!r}))"],
+                          capture_output=True, text=True, timeout=60, cwd=bench)
+    assert made.returncode == 0 and made.stdout.strip() == str(layer), made.stderr
+    assert (bench / ".data").is_dir()
+    shutil.rmtree(bench / ".data")
+    proc = subprocess.run([sys.executable, str(bench / "bench_ztoc.py"), "--layer", str(layer),
+                           "--repeat", "1", "--reads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert "FileNotFoundError" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    import importlib.util
+    if importlib.util.find_spec("indexed_gzip") is None:
+        assert proc.returncode == 1 and "pip install -e '.[bench]'" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr
+
+
+def test_archive_output_in_a_missing_directory_names_the_archive(tmp_path: Path) -> None:
+    """convert to oci-archive: under a directory that does not exist names the archive, not
+    the scratch directory it would have built it in."""
+    layout = tmp_path / "layout"
+    write_image(layout, "v1", [files_layer({"f": b"x" * 5000})])
+    out = tmp_path / "nonexist" / "dir" / "x.tar"
+    proc = soci("convert", "--root", str(tmp_path / "root"), "--min-layer-size", "0", "-q",
+                f"oci:{layout}:v1", f"oci-archive:{out}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"Error: No such file or directory: {out}"
+    assert not (tmp_path / "nonexist").exists()

@@ -443,7 +443,7 @@ def test_junk_hosts_toml_is_one_line_naming_the_file(tmp_path: Path, tls: Regist
     ('capabilities = ["pull", "fly"]', "unknown capability 'fly'"),
     ("ca = 3", "ca must be a string or a list of strings"),
     ('client = [["a", "b", "c"]]', "client entries must be"),
-    ("skip_verify = 'yes'", "skip_verify must be a bool"),
+    ("skip_verify = 'yes'", "skip_verify must be a boolean"),
     ('server = "ftp://x"', "not an http(s)://host"),
     ('[host."https://m"]\nheader = { "Bad Name" = "v" }', "invalid header"),
     ("host = 1", "host must be a table"),

@@ -282,7 +282,7 @@ def test_metrics_and_status(env: dict, store: StoreDaemon) -> None:
     assert "soci_span_verification_failures_total" in text
     out = subprocess.run([sys.executable, "-m", "soci.cli", "store", "status", "--address",
                           store.metrics_address], capture_output=True, text=True, check=True)
-    assert env["ref"] in out.stdout and digest[:19] in out.stdout
+    assert env["ref"] in out.stdout and digest[7:19] in out.stdout
     doc = json.loads(subprocess.run(
         [sys.executable, "-m", "soci.cli", "store", "status", "--json", "--address",
          store.metrics_address], capture_output=True, check=True).stdout)

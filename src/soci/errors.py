@@ -4,9 +4,17 @@ Every error a user can cause derives from ``SociError`` and carries a message
 that names what was wrong in one line; the CLI prints exactly that line.
 """
 
+from __future__ import annotations
+
 
 class SociError(Exception):
     """Base class for errors caused by input, configuration or the environment."""
+
+    def within(self, context: str) -> SociError:
+        """This error, its message prefixed with what it happened to (``layer sha256:... of
+        IMAGE``), class and attributes kept; for ``raise e.within(...)`` where that is known."""
+        self.args = (f"{context}: {self}", *self.args[1:])
+        return self
 
 
 class LayerFormatError(SociError):
@@ -57,3 +65,12 @@ class RegistryError(SociError):
 
 class AuthError(RegistryError):
     """Credentials are missing, rejected, or do not grant the access a request needs."""
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+          list: "a list", dict: "a table"}
+
+
+def kind_name(kind: type) -> str:
+    """How a config error names a value's expected type: "an integer", not "a int"."""
+    return _KINDS.get(kind, f"a {kind.__name__}")

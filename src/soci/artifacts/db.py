@@ -71,6 +71,21 @@ def now() -> str:
     return timestamp()
 
 
+def normal_ref(ref: str) -> str:
+    """How an image reference is stored, so ``index list --ref`` finds what ``create`` wrote:
+    registry references come already normalised (``app:v1`` is
+    ``docker.io/library/app:v1``); an ``oci:``/``oci-archive:`` path is made absolute, so
+    ``oci:layout:v1`` and ``oci:/abs/layout:v1`` name one image."""
+    for transport in ("oci-archive:", "oci:"):
+        if ref.startswith(transport):
+            rest = ref[len(transport):]
+            path, sep, tag = rest.rpartition(":")
+            if not sep or "/" in tag:
+                path, sep, tag = rest, "", ""
+            return f"{transport}{os.path.abspath(path)}{sep}{tag}" if path else ref
+    return ref
+
+
 @dataclass(frozen=True, slots=True)
 class IndexRecord:
     digest: str
@@ -257,7 +272,8 @@ class ArtifactsDb:
             c.executemany("INSERT INTO index_ztocs VALUES (?,?,?)",
                           [(rec.digest, i, z) for i, z in enumerate(ztoc_digests)])
             c.executemany("INSERT OR REPLACE INTO image_refs VALUES (?,?,?)",
-                          [(ref, rec.image_digest, rec.manifest_digest) for ref in refs])
+                          [(normal_ref(ref), rec.image_digest, rec.manifest_digest)
+                           for ref in refs])
 
     def remove_index(self, digest: str) -> list[str]:
         """Forget an index; return the zTOCs no other index uses any more (also forgotten)."""
@@ -334,5 +350,12 @@ class ArtifactsDb:
             (digest,))]
 
     def manifests_for_ref(self, ref: str) -> list[str]:
+        """The image manifests indexed for ``ref`` (as :func:`normal_ref` spells it; rows
+        written before refs were normalised match as written too)."""
         return [r[0] for r in self._read(
-            "SELECT manifest_digest FROM image_refs WHERE ref = ?", (ref,))]
+            "SELECT DISTINCT manifest_digest FROM image_refs WHERE ref IN (?, ?)",
+            (normal_ref(ref), ref))]
+
+    def refs(self) -> list[str]:
+        """Every image reference an index was created for."""
+        return [r[0] for r in self._read("SELECT DISTINCT ref FROM image_refs ORDER BY ref")]

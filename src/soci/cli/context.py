@@ -17,7 +17,7 @@ from soci.artifacts import LocalStore
 from soci.config import Config, load_config
 from soci.errors import NotFoundError, SociError
 from soci.oci.descriptor import check_digest
-from soci.registry import RegistryClient
+from soci.registry import RegistryClient, RetryNotice
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FULL_DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
@@ -90,12 +90,33 @@ class App:
     def client(self) -> RegistryClient:
         if self._client is None:
             self._client = RegistryClient(plain_http=self.config.plain_http,
-                                          hosts_dir=self.config.hosts_dir)
+                                          hosts_dir=self.config.hosts_dir,
+                                          on_retry=_show_retry)
         return self._client
 
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+def short_digest(digest: str | None, no_trunc: bool = False) -> str:
+    """A digest as tables show it: 12 hex digits without ``sha256:`` (``podman images``'
+    IMAGE ID), or whole with ``--no-trunc``. JSON and ``-q`` always print it whole."""
+    if not digest:
+        return ""
+    if no_trunc:
+        return digest
+    return digest.partition(":")[2][:12] or digest[:12]
+
+
+no_trunc_option = click.option("--no-trunc", is_flag=True,
+                               help="Print whole digests (tables show the first 12 digits).")
+
+
+def _show_retry(notice: RetryNotice) -> None:
+    """Say why the command is waiting, on stderr (never mixed into --json or -q output on
+    stdout). Shown with -q too: it is a warning about a stall, not progress."""
+    click.echo(f"Warning: {notice}", err=True)
 
 
 pass_app = click.make_pass_decorator(App)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.index_cmds import earlier_indexes_note
 from soci.cli.output import ProgressLine
 from soci.errors import NotFoundError, SociError
 from soci.image.destinations import open_destination
@@ -95,6 +96,9 @@ def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
             made += 1
             click.echo(f"{created.desc.digest}  SOCI index for {image.desc.digest} "
                        f"({image.platform})")
+            note = earlier_indexes_note(app.store, image.desc.digest, created.desc.digest)
+            if note and not quiet:
+                click.echo(note, err=True)
         if not made:
             raise EmptyIndexError("no SOCI index created: every layer of every platform was "
                                   "skipped")

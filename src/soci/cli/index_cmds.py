@@ -6,8 +6,9 @@ import json
 
 import click
 
+from soci.artifacts import LocalStore
 from soci.artifacts.rebuild import rebuild_db as rebuild
-from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.context import App, no_trunc_option, one_line_errors, pass_app, short_digest
 from soci.cli.output import listing
 from soci.errors import NotFoundError
 from soci.image.names import parse_image_name
@@ -24,10 +25,11 @@ def index() -> None:
 @click.option("--platform", help="Only indexes for this platform (os/arch[/variant]).")
 @click.option("-q", "--quiet", is_flag=True, help="Print digests only.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@no_trunc_option
 @pass_app
 @one_line_errors
 def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
-               as_json: bool) -> None:
+               as_json: bool, no_trunc: bool) -> None:
     """List the SOCI indexes in the local store.
 
     SOURCE is "local" for indexes made or placed here (used for their image manifest from
@@ -45,11 +47,42 @@ def index_list(app: App, ref: str | None, platform: str | None, quiet: bool,
     listing(records, quiet=quiet, as_json=as_json,
             headers=["DIGEST", "SIZE", "IMAGE MANIFEST", "PLATFORM", "ARTIFACT TYPE", "CREATED",
                      "SOURCE"],
-            row=lambda r: (r.digest, r.size, r.manifest_digest, r.platform, r.artifact_type,
-                           r.created_at, r.source or "local"))
+            row=lambda r: (short_digest(r.digest, no_trunc), r.size,
+                           short_digest(r.manifest_digest, no_trunc), r.platform,
+                           r.artifact_type, r.created_at, r.source or "local"))
+    if not records and store is not None:
+        _hint_empty(store, ref)
+
+
+def _hint_empty(store: LocalStore, ref: str | None) -> None:
+    """Why an empty listing may be wrong, on stderr: a database that lost what the content
+    store holds, or a --ref that names the image otherwise than ``create`` did."""
+    if not store.db.indexes() and (store.mappings.items() or store.fetched.items()):
+        click.echo(f"Hint: the database of {store.root} lists no SOCI index, but its content "
+                   "store has some: run soci rebuild-db", err=True)
+    elif ref is not None:
+        name = str(parse_image_name(ref))
+        tail = name.rpartition("/")[2]
+        similar = [r for r in store.db.refs() if r.rpartition("/")[2] == tail]
+        if similar:
+            click.echo(f"Hint: no index for {name}; there are some for "
+                       f"{', '.join(similar[:3])}", err=True)
 
 
 index.add_command(index_list, "ls")
+
+
+def earlier_indexes_note(store: LocalStore, manifest_digest: str, new_digest: str) -> str | None:
+    """What a second ``create`` of one image did with the first index, in one line. As
+    upstream soci does, both are kept (the database is keyed by index digest); this image's
+    mapping now names the new one, so push and the daemons use it."""
+    older = [r.digest for r in store.db.indexes(manifest_digests=[manifest_digest])
+             if r.digest != new_digest and not r.source]
+    if not older:
+        return None
+    shown = " ".join(short_digest(d) for d in older)
+    return (f"Note: kept {len(older)} earlier SOCI index(es) of this image ({shown}); push "
+            f"and soci-store use the new one; soci index rm {shown} removes the old")
 
 
 @index.command("info")

@@ -9,7 +9,7 @@ import urllib.request
 
 import click
 
-from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.context import App, one_line_errors, pass_app, short_digest
 from soci.cli.output import emit_json, human_size, table
 from soci.errors import SociError
 from soci.store.credentials import send_credentials
@@ -38,7 +38,7 @@ def status(address: str, as_json: bool) -> None:
         return
     click.echo(f"mounted at {doc['mountpoint']}: {len(doc['layers'])} layers")
     table(["IMAGE", "LAYER", "FILES", "SPANS", "FETCHED", "BYTES FETCHED", "USERS"],
-          [(la["image"], la["layer"][:19], la["files"], la["spans"],
+          [(la["image"], short_digest(la["layer"]), la["files"], la["spans"],
             f"{la['fetched_fraction']:.0%}", human_size(la["fetched_bytes"]), la["users"])
            for la in doc["layers"]])
 

@@ -9,7 +9,7 @@ from typing import BinaryIO
 
 import click
 
-from soci.cli.context import App, one_line_errors, pass_app
+from soci.cli.context import App, no_trunc_option, one_line_errors, pass_app, short_digest
 from soci.cli.output import ProgressLine, emit_json, human_size, listing
 from soci.errors import NotFoundError, SociError
 from soci.fsutil import atomic_writer
@@ -181,10 +181,11 @@ def ztoc_get_file(app: App, what: str, path: str, layer: str | None, ref: str | 
 @click.option("--image-ref", help="Only zTOCs of indexes created for this image reference.")
 @click.option("-q", "--quiet", is_flag=True, help="Print digests only.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@no_trunc_option
 @pass_app
 @one_line_errors
 def ztoc_list(app: App, ztoc_digest: str | None, image_ref: str | None, quiet: bool,
-              as_json: bool) -> None:
+              as_json: bool, no_trunc: bool) -> None:
     """List the zTOCs in the local store."""
     store = app.existing_store()
     records = store.db.ztocs() if store else []
@@ -201,7 +202,8 @@ def ztoc_list(app: App, ztoc_digest: str | None, image_ref: str | None, quiet: b
         records = [r for r in records if r.digest in wanted]
     listing(records, quiet=quiet, as_json=as_json,
             headers=["DIGEST", "SIZE", "LAYER DIGEST", "SPAN SIZE"],
-            row=lambda r: (r.digest, r.size, r.layer_digest, r.span_size))
+            row=lambda r: (short_digest(r.digest, no_trunc), r.size,
+                           short_digest(r.layer_digest, no_trunc), r.span_size))
 
 
 ztoc.add_command(ztoc_list, "ls")

@@ -7,6 +7,7 @@ layout is assembled beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tarfile
@@ -106,6 +107,8 @@ class ArchiveDestination(LayoutDestination):
 
     def __init__(self, name: ImageName) -> None:
         parent = os.path.dirname(os.path.abspath(name.path))
+        if not os.path.isdir(parent):  # name the archive, not the scratch directory
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name.path)
         self.scratch = tempfile.mkdtemp(prefix=".soci-archive-", dir=parent)
         super().__init__(name, self.scratch)
 

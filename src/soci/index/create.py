@@ -18,7 +18,7 @@ from typing import BinaryIO
 from soci import BUILD_TOOL_IDENTIFIER
 from soci.artifacts import IndexRecord, LocalStore, ZtocRecord
 from soci.artifacts.db import now
-from soci.errors import DigestMismatchError, SociError
+from soci.errors import DigestMismatchError, LayerFormatError, SociError
 from soci.image.resolve import PlatformImage
 from soci.image.sources import ImageSource
 from soci.index.model import SociIndex
@@ -137,7 +137,8 @@ def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts:
                             progress=progress)
     if result.layer_digest != layer.digest or result.layer_size != layer.size:
         raise DigestMismatchError(
-            f"layer {layer.digest}: got {result.layer_size} bytes hashing to {result.layer_digest}"
+            f"got {result.layer_size} bytes hashing to {result.layer_digest}, not the "
+            f"{layer.size} bytes the manifest gives"
         )
     data = encode(result.ztoc)
     digest = store.content.write_blob(data)
@@ -154,8 +155,13 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
     """Build (or reuse) every layer's zTOC, then write the SOCI index and its mapping."""
     counter = Progress(progress)
 
+    image_name = f"{refs[0] if refs else image.desc.digest} ({image.platform})"
+
     def one(layer: Descriptor) -> LayerOutcome:
-        outcome = build_layer(source, layer, store, opts, counter.layer())
+        try:
+            outcome = build_layer(source, layer, store, opts, counter.layer())
+        except (LayerFormatError, DigestMismatchError) as e:  # name the layer and the image
+            raise e.within(f"layer {layer.digest} of {image_name}") from None
         if on_layer is not None:
             on_layer(outcome)
         return outcome
@@ -165,7 +171,7 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
     blobs = [o.ztoc for o in outcomes if o.ztoc is not None]
     if not blobs:
         raise EmptyIndexError(
-            f"no zTOCs created for {image.platform}: every layer was skipped "
+            f"no zTOCs created for {image_name}: every layer was skipped "
             f"(smaller than --min-layer-size {opts.min_layer_size}, or not gzip/tar)"
         )
     subject = None

@@ -39,6 +39,7 @@ from soci.registry.config import (
 )
 from soci.registry.hosts import HostsConfigError, RegistryHosts, TLSConfig
 from soci.registry.reference import DOCKER_HUB, Reference, validate_digest
+from soci.registry.transport import RetryNotice
 
 __all__ = [
     "DEFAULT_ACCEPT",
@@ -63,6 +64,7 @@ __all__ = [
     "RegistryClient",
     "RegistryEntry",
     "RegistryHosts",
+    "RetryNotice",
     "TLSConfig",
     "default_auth_files",
     "default_registries_conf_path",

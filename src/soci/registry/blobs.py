@@ -11,7 +11,7 @@ import urllib3
 
 from soci.errors import DigestMismatchError, RegistryError
 from soci.registry.session import Session, digest_of, too_large
-from soci.registry.transport import Response, Target, declared_length, one_line
+from soci.registry.transport import Response, Target, declared_length, one_line, short_reason
 
 
 class BlobReader(io.RawIOBase):
@@ -107,7 +107,11 @@ class BlobReader(io.RawIOBase):
                 f"{self._pos} bytes ({one_line(str(error), 120)})",
                 transient=True,
             ) from None
-        self._session.transport.sleep(self._session.transport.delay(self._resumes, None))
+        transport = self._session.transport
+        transport.wait(self._target.host,
+                       f"dropped the connection after {self._pos} bytes of blob "
+                       f"{self._digest[:19]} ({short_reason(error)})",
+                       transport.delay(self._resumes, None), self._resumes + 1)
         self._resumes += 1
         response = self._session.request(
             "GET",

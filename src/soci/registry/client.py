@@ -45,7 +45,7 @@ Behaviour worth knowing:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 from soci import __version__
@@ -67,7 +67,7 @@ from soci.registry.reference import Reference, validate_digest
 from soci.registry.referrers import referrers_tag
 from soci.registry.session import Session, digest_of
 from soci.registry.tokens import Authenticator, Challenge, parse_www_authenticate
-from soci.registry.transport import Transport
+from soci.registry.transport import RetryNotice, Transport
 from soci.registry.uploads import DEFAULT_CHUNK_SIZE
 
 __all__ = [
@@ -120,6 +120,7 @@ class RegistryClient:
         max_retry_time: float = 120.0,
         hosts_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
         certs_dirs: Sequence[str | os.PathLike[str]] | None = None,
+        on_retry: Callable[[RetryNotice], None] | None = None,
     ) -> None:
         """
         ``registries_conf``: a parsed :class:`RegistriesConf`, a path to read, or ``None``
@@ -132,7 +133,8 @@ class RegistryClient:
         podman's defaults, an empty list none (see :mod:`soci.registry.hosts`).
         ``retries`` bounds attempts after the first, ``backoff`` is the first delay
         (doubling, capped at ``max_backoff``) and ``max_retry_time`` bounds the total time
-        one request spends retrying.
+        one request spends retrying. ``on_retry`` is told of every wait before a retry
+        (what is awaited, how long); the default logs a warning on ``soci.registry``.
         """
         if retries < 0 or backoff < 0 or timeout <= 0 or chunk_size <= 0:
             raise ValueError("retries and backoff must be >= 0, timeout and chunk_size > 0")
@@ -145,6 +147,8 @@ class RegistryClient:
             timeout=timeout,
             user_agent=user_agent,
         )
+        if on_retry is not None:
+            self._transport.on_retry = on_retry
         if not isinstance(credentials, CredentialStore):
             credentials = CredentialStore(credentials)
         self._auth = Authenticator(self._transport, credentials)

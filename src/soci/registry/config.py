@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from soci.errors import RegistryError, SociError
+from soci.errors import RegistryError, SociError, kind_name
 from soci.registry.reference import Reference, normalize_registry
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class RegistriesConf:
             if not isinstance(value, kind):
                 raise RegistriesConfError(
                     f"{source}: registry {t.get('location', t.get('prefix', '?'))!r}: "
-                    f"{key} must be a {kind.__name__}"
+                    f"{key} must be {kind_name(kind)}"
                 )
             return value
 

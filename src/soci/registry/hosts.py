@@ -84,7 +84,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soci.errors import SociError
+from soci.errors import SociError, kind_name
 from soci.registry.config import ALL_CAPABILITIES, Endpoint
 from soci.registry.reference import api_host_of
 
@@ -203,7 +203,7 @@ def _host_entry(url: str, table: Mapping[str, Any], directory: str, source: str)
     def get(key: str, kind: type, default: Any) -> Any:
         value = table.get(key, default)
         if not isinstance(value, kind):
-            raise HostsConfigError(f"{where}: {key} must be a {kind.__name__}")
+            raise HostsConfigError(f"{where}: {key} must be {kind_name(kind)}")
         return value
 
     override_path = get("override_path", bool, False)
@@ -243,7 +243,7 @@ def _host_entry(url: str, table: Mapping[str, Any], directory: str, source: str)
     client = _client_pairs(table.get("client"), where)
     skip_verify = table.get("skip_verify")
     if skip_verify is not None and not isinstance(skip_verify, bool):
-        raise HostsConfigError(f"{where}: skip_verify must be a bool")
+        raise HostsConfigError(f"{where}: skip_verify must be a boolean")
     if "dial_timeout" in table:
         get("dial_timeout", str, "")
     tls = None

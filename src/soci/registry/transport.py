@@ -9,7 +9,10 @@ refresh token), follows a redirect to another host or down to plain HTTP
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import random
 import threading
 import time
@@ -41,6 +44,30 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _PERMANENT_5XX = frozenset({501, 505})
 # What OpenSSL says when the other end answers a TLS hello in plain HTTP.
 _PLAIN_HTTP_SIGNS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+log = logging.getLogger("soci.registry")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryNotice:
+    """One wait before trying a registry again, so a long silent pause can say what it
+    waits for: the CLI prints it, the daemons log it (see ``Transport.on_retry``)."""
+
+    host: str
+    reason: str   # "unreachable (connection refused)", "answered HTTP 503", ...
+    delay: float  # seconds about to be waited
+    retry: int    # which retry comes after the wait (1-based)
+    retries: int  # how many retries there may be at most
+
+    def __str__(self) -> str:
+        return (f"registry {self.host} {self.reason}, retrying in {self.delay:.1f} s "
+                f"({self.retry}/{self.retries})")
+
+
+def log_retry(notice: RetryNotice) -> None:
+    """The default ``on_retry``: a warning on the ``soci.registry`` logger."""
+    log.warning("%s", notice)
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -237,6 +264,16 @@ class Transport:
         self._lock = threading.Lock()
         self._schemes: dict[str, str] = {}
         self.sleep: Callable[[float], None] = time.sleep
+        #: Told of every wait before a retry (or a resumed download), before it starts.
+        self.on_retry: Callable[[RetryNotice], None] = log_retry
+
+    def wait(self, host: str, reason: str, delay: float, retry: int) -> None:
+        """Say what is awaited (one notice per wait), then wait ``delay`` seconds."""
+        try:
+            self.on_retry(RetryNotice(host, reason, delay, retry, self.retries))
+        except Exception:  # a broken reporter must not turn a retry into a failure
+            log.exception("retry reporter failed")
+        self.sleep(delay)
 
     def close(self) -> None:
         """Close pooled connections; the transport stays usable (it reconnects)."""
@@ -380,7 +417,7 @@ class Transport:
                     ) from None
                 delay = self.delay(attempt, None)
                 if idempotent and not last and time.monotonic() + delay <= deadline:
-                    self.sleep(delay)
+                    self.wait(host, f"unreachable ({short_reason(e)})", delay, attempt + 1)
                     continue
                 raise RegistryError(
                     f"{label}: cannot reach {host} after {attempt + 1} attempt(s): "
@@ -397,7 +434,7 @@ class Transport:
                     and time.monotonic() + delay <= deadline
                 ):
                     resp.discard()
-                    self.sleep(delay)
+                    self.wait(host, f"answered HTTP {status}", delay, attempt + 1)
                     continue
                 description, code = describe(status, resp.data)
                 raise RegistryError(
@@ -491,6 +528,23 @@ def _origin(url: str) -> str:
     query, which may carry a signed token)."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def short_reason(error: BaseException) -> str:
+    """A few words for a transport error ("connection refused", "timed out"), for notices:
+    the first errno along the chain of causes, else whether it timed out."""
+    chain: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in chain and len(chain) < 10:
+        chain.append(e)
+        inner = getattr(e, "reason", None)
+        e = inner if isinstance(inner, BaseException) else (e.__cause__ or e.__context__)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in errno.errorcode:
+            return os.strerror(e.errno).lower()
+    if any(isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) for e in chain):
+        return "timed out"
+    return one_line(_reason(error), 80)
 
 
 def _reason(error: BaseException) -> str:

@@ -14,7 +14,7 @@ from soci.errors import DigestMismatchError, RegistryError
 from soci.registry.blobs import blob_exists
 from soci.registry.reference import Reference, validate_digest
 from soci.registry.session import Session, digest_of
-from soci.registry.transport import Target
+from soci.registry.transport import Target, one_line
 
 #: Uploads up to this size go in one PUT; larger ones are sent in PATCH chunks this big.
 DEFAULT_CHUNK_SIZE = 8 << 20
@@ -61,7 +61,9 @@ def push_blob(
                 or time.monotonic() > deadline
             ):
                 raise
-            session.transport.sleep(session.transport.delay(attempt, None))
+            session.transport.wait(target.host,
+                                   f"failed to take blob {digest[:19]} ({one_line(str(e), 100)})",
+                                   session.transport.delay(attempt, None), attempt + 1)
             stream.seek(origin)
     raise AssertionError("unreachable")  # pragma: no cover
 
