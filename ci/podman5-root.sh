@@ -10,9 +10,12 @@
 # twice. The host's apt state is untouched (everything is installed inside the root).
 set -euo pipefail
 
+# The Debian suite: trixie (podman 5.4) is what the tests use; SOCI_PODMAN5_SUITE=sid (podman
+# 5.8 at the time of writing) builds a root to check newer podman by hand.
+SUITE=${SOCI_PODMAN5_SUITE:-trixie}
 # Bump when the recipe below changes: a root with another marker is rebuilt.
-RECIPE="podman5-trixie v1"
-ROOT=${1:-${SOCI_PODMAN5_ROOT:-/var/cache/soci-ci/podman5-trixie}}
+RECIPE="podman5-$SUITE v1"
+ROOT=${1:-${SOCI_PODMAN5_ROOT:-/var/cache/soci-ci/podman5-$SUITE}}
 MIRROR=${SOCI_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=(podman runc conmon fuse-overlayfs skopeo buildah busybox-static catatonit netavark
   aardvark-dns passt containers-storage)
@@ -57,8 +60,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "building a Debian trixie root with podman 5 in $ROOT (debootstrap, a few minutes)"
-if ! debootstrap --variant=minbase --include=ca-certificates trixie "$WORK" "$MIRROR" \
+say "building a Debian $SUITE root with podman 5 in $ROOT (debootstrap, a few minutes)"
+if ! debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$WORK" "$MIRROR" \
     >"$WORK.log" 2>&1; then
   tail -n 30 "$WORK.log" >&2
   rm -f "$WORK.log"
@@ -71,6 +74,8 @@ rm -f "$WORK.log"
 printf '#!/bin/sh\nexit 101\n' >"$WORK/usr/sbin/policy-rc.d"
 chmod 755 "$WORK/usr/sbin/policy-rc.d"
 cp /etc/resolv.conf "$WORK/etc/resolv.conf" 2>/dev/null || true
+# sid's Release files may be past their Valid-Until on a mirror snapshot.
+[ "$SUITE" = trixie ] || echo 'Acquire::Check-Valid-Until "false";' >"$WORK/etc/apt/apt.conf.d/99soci"
 
 # apt inside the root, with /proc and /dev mounted in a private mount namespace: they vanish
 # with it, whatever happens.

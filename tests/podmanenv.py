@@ -189,12 +189,15 @@ class Chroot:
     The namespace is a copy of the host's mounts when it starts, and the host's ``/`` is
     private here: a FUSE store mounted inside ``root`` on the host is seen only if mounted
     BEFORE the namespace starts. The namespace therefore starts lazily, at the first
-    :meth:`argv` call (the first podman command). FUSE mounts outside ``root`` are dropped
-    from the copy, so this namespace never keeps another test's FUSE connection alive.
+    :meth:`argv` call (the first podman command). FUSE mounts other than those at or below
+    ``keep`` are dropped from the copy, so this namespace never keeps another test's FUSE
+    connection alive.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, keep: list[str] | tuple[str, ...] = ()) -> None:
         self.root = Path(os.path.realpath(root))
+        #: Host paths whose FUSE mounts the namespace keeps (an Additional Layer Store's).
+        self.keep = [os.path.realpath(k) for k in keep]
         self.holder: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
@@ -208,10 +211,15 @@ class Chroot:
     def _start(self) -> None:
         script = r"""
 set -e
-r=$1
+r=$1; shift
+# Drop FUSE mounts this namespace does not need (before they are copied below), so it never
+# keeps another test's FUSE connection alive; keep the ones at or below the paths given.
+awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts | while read -r m; do
+  keep=no
+  for k in "$@"; do case "$m/" in "$k"/*) keep=yes ;; esac; done
+  [ "$keep" = yes ] || umount -l "$m" 2>/dev/null || true
+done
 mount --rbind "$r" "$r"
-awk -v r="$r/" '$3 ~ /^fuse/ && index($2, r) != 1 {print $2}' /proc/self/mounts |
-  while read -r m; do umount -l "$(printf "$m")" 2>/dev/null || true; done
 mount -t proc proc "$r/proc"
 mount --rbind /sys "$r/sys"; mount --make-rslave "$r/sys"
 mount --rbind /dev "$r/dev"; mount --make-rslave "$r/dev"
@@ -229,7 +237,7 @@ exec sleep infinity
 
         self.holder = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-             str(self.root)],
+             str(self.root), *self.keep],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             preexec_fn=die_with_parent,
         )
@@ -290,7 +298,8 @@ class Podman:
         timeout: float = DEFAULT_TIMEOUT,
         chroot: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.chroot = None if chroot is None else Chroot(Path(chroot))
+        self.chroot = None if chroot is None else Chroot(
+            Path(chroot), keep=[] if additional_layer_store is None else [additional_layer_store])
         Path(workdir).mkdir(parents=True, exist_ok=True)
         if self.chroot is not None:
             self.chroot.inner(workdir)  # raises unless podman in the chroot can see it
