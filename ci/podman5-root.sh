@@ -38,6 +38,14 @@ if done_already; then  # built by a concurrent run while we waited for the lock
   exit 0
 fi
 
+# Leftovers of builds that were killed (a trap cannot run on SIGKILL): never used, as they
+# have no marker; only the lock holder builds, so none of them is in progress.
+for stale in "$parent/.$(basename "$ROOT").build."* "$parent/.$(basename "$ROOT").old."*; do
+  [ -e "$stale" ] || continue
+  say "removing the leftover $stale"
+  rm -rf --one-file-system "$stale"
+done
+
 started=$(date +%s)
 if ! command -v debootstrap >/dev/null; then
   say "installing debootstrap on the host"
