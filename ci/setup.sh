@@ -37,6 +37,11 @@ if [ ! -x .build/containerd-2/usr/bin/containerd ]; then
   bash ci/fetch-containerd-2.sh .build/containerd-2
 fi
 
+# podman 5 (Debian trixie) in a root cached outside the clone, for the podman 5 end-to-end
+# tests (tests/podmanenv.py chroots into it). Built once (a few minutes), then reused; fails
+# clearly when it cannot be built (no network and no cache): those tests need it.
+bash ci/podman5-root.sh
+
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

@@ -6,6 +6,12 @@ host allows), ``registries.conf`` (the given hosts insecure, no search registrie
 ``policy.json`` accepting anything, and points only the podman processes it starts at them
 through environment variables: ``/etc`` and the caller's environment are left alone.
 
+With ``chroot=ROOT`` the same configuration drives podman 5 from a Debian trixie root made by
+``ci/podman5-root.sh`` (see :class:`Chroot`): podman runs chrooted into ROOT inside a private
+mount namespace, so nothing it mounts is seen on the host, and everything vanishes with the
+namespace even when a test dies. Paths it is given (its directories, an Additional Layer Store)
+must then lie inside ROOT; :func:`chroot_scratch` makes a directory there.
+
 Every subprocess has a timeout. :meth:`Podman.close` removes containers and images, unmounts
 whatever is still mounted under its directories (as read from ``/proc/mounts``) and deletes
 them.
@@ -29,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +45,11 @@ DEFAULT_TIMEOUT = 120.0
 _CLEANUP_TIMEOUT = 60.0
 _MAX_RUNROOT = 50
 _ULIMITS = ["nofile=20000:20000", "nproc=32768:32768"]
+#: Where ci/podman5-root.sh caches the Debian trixie root with podman 5 (outside the clone).
+PODMAN5_ROOT = Path(os.environ.get("SOCI_PODMAN5_ROOT", "/var/cache/soci-ci/podman5-trixie"))
+_PODMAN5_MARKER = ".soci-podman5-recipe"
+#: The PATH podman and its helpers (conmon, runc, netavark) are found on inside the root.
+_CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def podman_available() -> str | None:
@@ -145,6 +157,117 @@ def run_bounded(
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
+def podman5_available(root: Path = PODMAN5_ROOT) -> str | None:
+    """Why podman 5 from ``root`` cannot run here, or ``None`` when it (probably) can."""
+    if os.geteuid() != 0:
+        return "podman 5 tests need root (chroot, mount namespaces)"
+    if not (root / _PODMAN5_MARKER).is_file():
+        return f"no podman 5 root at {root}: run ci/podman5-root.sh (ci/setup.sh does)"
+    for tool in ("unshare", "nsenter", "chroot"):
+        if shutil.which(tool) is None:
+            return f"{tool} not found (Debian package util-linux / coreutils)"
+    return None
+
+
+def chroot_scratch(root: Path = PODMAN5_ROOT, prefix: str = "soci-test-") -> Path:
+    """A fresh directory inside ``root`` (under its ``/tmp``), for a podman's directories and
+    an Additional Layer Store's mountpoint: what podman in the chroot must see. Delete it
+    with :func:`shutil.rmtree` once nothing is mounted below it."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root / "tmp"))
+
+
+class Chroot:
+    """A private mount namespace holding ``root`` ready to chroot into; commands enter it.
+
+    A holder process (``unshare -m`` running ``sleep``) owns the namespace; in it ``root`` is
+    bound recursively onto itself (podman remounts ``/``: without a mount point there every
+    layer fails with "remount /, flags: 0x44000: invalid argument"), with ``/proc``, ``/sys``
+    and ``/dev`` (rslave) and a tmpfs ``/run``. Mounts made inside (podman's overlays) never
+    reach the host, and all go when the namespace does: :meth:`close` kills the holder, and
+    the kernel kills it too when the test process dies (``PR_SET_PDEATHSIG``).
+
+    The namespace is a copy of the host's mounts when it starts, and the host's ``/`` is
+    private here: a FUSE store mounted inside ``root`` on the host is seen only if mounted
+    BEFORE the namespace starts. The namespace therefore starts lazily, at the first
+    :meth:`argv` call (the first podman command). FUSE mounts other than those at or below
+    ``keep`` are dropped from the copy, so this namespace never keeps another test's FUSE
+    connection alive.
+    """
+
+    def __init__(self, root: Path, *, keep: list[str] | tuple[str, ...] = ()) -> None:
+        self.root = Path(os.path.realpath(root))
+        #: Host paths whose FUSE mounts the namespace keeps (an Additional Layer Store's).
+        self.keep = [os.path.realpath(k) for k in keep]
+        self.holder: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def inner(self, path: str | os.PathLike[str]) -> str:
+        """The path, as seen inside the chroot, of host path ``path`` (which must be in root)."""
+        real = os.path.realpath(path)
+        if not (real == str(self.root) or real.startswith(str(self.root) + "/")):
+            raise ValueError(f"{path} is not inside the chroot {self.root}")
+        return "/" + os.path.relpath(real, self.root).removeprefix(".")
+
+    def _start(self) -> None:
+        script = r"""
+set -e
+r=$1; shift
+# Drop FUSE mounts this namespace does not need (before they are copied below), so it never
+# keeps another test's FUSE connection alive; keep the ones at or below the paths given.
+awk '$3 ~ /^fuse/ {print $2}' /proc/self/mounts | while read -r m; do
+  keep=no
+  for k in "$@"; do case "$m/" in "$k"/*) keep=yes ;; esac; done
+  [ "$keep" = yes ] || umount -l "$m" 2>/dev/null || true
+done
+mount --rbind "$r" "$r"
+mount -t proc proc "$r/proc"
+mount --rbind /sys "$r/sys"; mount --make-rslave "$r/sys"
+mount --rbind /dev "$r/dev"; mount --make-rslave "$r/dev"
+mount -t tmpfs -o mode=755 tmpfs "$r/run"
+echo ready
+exec sleep infinity
+"""
+
+        def die_with_parent() -> None:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+        self.holder = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+             str(self.root), *self.keep],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+        )
+        assert self.holder.stdout is not None
+        line = self.holder.stdout.readline()  # "ready", or EOF when the script failed
+        if line.strip() != b"ready":
+            self.holder.kill()
+            _, err = self.holder.communicate(timeout=30)
+            self.holder = None
+            raise RuntimeError(f"cannot set up the chroot {self.root}: {err.decode()[-2000:]}")
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """``argv`` run chrooted in the namespace (started now if needed)."""
+        with self._lock:
+            if self.holder is None:
+                self._start()
+            assert self.holder is not None
+            pid = self.holder.pid
+        return ["nsenter", "-t", str(pid), "-m", "--", "chroot", str(self.root),
+                "/usr/bin/env", f"PATH={_CHROOT_PATH}", *argv]
+
+    def close(self) -> None:
+        """Kill the holder: the namespace and every mount in it go once its processes have."""
+        with self._lock:
+            holder, self.holder = self.holder, None
+        if holder is not None:
+            holder.kill()
+            holder.communicate(timeout=30)
+
+
 class PodmanError(RuntimeError):
     def __init__(self, args: list[str], proc: subprocess.CompletedProcess[bytes]) -> None:
         self.returncode = proc.returncode
@@ -161,6 +284,9 @@ class Podman:
     Additional Layer Store with the ``:ref`` option (layers are looked up at
     ``<store>/<base64(image reference)>/<compressed digest>/``).
     ``insecure_registries``: ``host:port`` entries podman may talk plain HTTP to.
+    ``chroot``: run the podman of this root (``ci/podman5-root.sh``, podman 5) instead of the
+    host's; ``workdir`` and ``additional_layer_store`` must then lie inside it (the attributes
+    below stay host paths; :meth:`inner` maps one to what podman sees).
     """
 
     def __init__(
@@ -170,24 +296,31 @@ class Podman:
         additional_layer_store: str | os.PathLike[str] | None = None,
         insecure_registries: list[str] | tuple[str, ...] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        chroot: str | os.PathLike[str] | None = None,
     ) -> None:
+        self.chroot = None if chroot is None else Chroot(
+            Path(chroot), keep=[] if additional_layer_store is None else [additional_layer_store])
         Path(workdir).mkdir(parents=True, exist_ok=True)
+        if self.chroot is not None:
+            self.chroot.inner(workdir)  # raises unless podman in the chroot can see it
         # A fresh subdirectory: close() deletes it wholesale, never the caller's workdir.
         self.dir = Path(tempfile.mkdtemp(prefix="podman-", dir=os.path.abspath(workdir)))
         self.graphroot = self.dir / "root"
         self.runroot = self.dir / "run"
-        if len(str(self.runroot)) > _MAX_RUNROOT:
+        if len(self._p(self.runroot)) > _MAX_RUNROOT:
             # podman's CLI (which conmon's exit command, `podman container cleanup`, uses)
             # refuses a --runroot longer than 50 characters: the cleanup then fails and
             # every `podman run` waits 20 s for it. Use a short private directory instead.
-            self.runroot = Path(tempfile.mkdtemp(prefix="soci-podman-run-", dir="/tmp"))
+            tmp = "/tmp" if self.chroot is None else str(self.chroot.root / "tmp")
+            self.runroot = Path(tempfile.mkdtemp(prefix="soci-podman-run-", dir=tmp))
         self.tmpdir = self.dir / "tmp"
         self.confdir = self.dir / "conf"
         self.home = self.dir / "home"
         self.events_log = self.dir / "events.log"
         self.timeout = timeout
         self.additional_layer_store = (
-            None if additional_layer_store is None else os.path.abspath(additional_layer_store)
+            None if additional_layer_store is None
+            else self._p(os.path.abspath(additional_layer_store))
         )
         self.insecure_registries = list(insecure_registries)
         self._closed = False
@@ -201,6 +334,14 @@ class Podman:
 
     # -- configuration -------------------------------------------------------------------
 
+    def _p(self, path: str | os.PathLike[str]) -> str:
+        """``path`` as podman sees it (inside the chroot, if any)."""
+        return str(path) if self.chroot is None else self.chroot.inner(path)
+
+    def inner(self, path: str | os.PathLike[str]) -> str:
+        """Host path ``path`` as this podman sees it (the same path without a chroot)."""
+        return self._p(path)
+
     def _write_config(self) -> None:
         for d in (self.graphroot, self.runroot, self.tmpdir, self.confdir,
                   self.home / ".config" / "containers", self.dir / "networks",
@@ -209,8 +350,8 @@ class Podman:
         storage = [
             "[storage]",
             'driver = "overlay"',
-            f"graphroot = {_toml_str(self.graphroot)}",
-            f"runroot = {_toml_str(self.runroot)}",
+            f"graphroot = {_toml_str(self._p(self.graphroot))}",
+            f"runroot = {_toml_str(self._p(self.runroot))}",
             "",
             "[storage.options]",
         ]
@@ -231,12 +372,12 @@ class Podman:
             'runtime = "runc"',
             'cgroup_manager = "cgroupfs"',
             'events_logger = "file"',
-            f"events_logfile_path = {_toml_str(self.events_log)}",
-            f"tmp_dir = {_toml_str(self.tmpdir)}",
-            f"image_copy_tmp_dir = {_toml_str(self.dir / 'image-copy-tmp')}",
+            f"events_logfile_path = {_toml_str(self._p(self.events_log))}",
+            f"tmp_dir = {_toml_str(self._p(self.tmpdir))}",
+            f"image_copy_tmp_dir = {_toml_str(self._p(self.dir / 'image-copy-tmp'))}",
             "",
             "[network]",
-            f"network_config_dir = {_toml_str(self.dir / 'networks')}",
+            f"network_config_dir = {_toml_str(self._p(self.dir / 'networks'))}",
             "",
         ]
         (self.confdir / "containers.conf").write_text("\n".join(containers))
@@ -263,14 +404,14 @@ class Podman:
             if not k.startswith(("CONTAINERS_", "REGISTRY_AUTH", "XDG_", "DOCKER_", "BUILDAH_"))
         }
         env.update(
-            CONTAINERS_STORAGE_CONF=str(self.confdir / "storage.conf"),
-            CONTAINERS_CONF=str(self.confdir / "containers.conf"),
-            CONTAINERS_REGISTRIES_CONF=str(self.confdir / "registries.conf"),
-            REGISTRY_AUTH_FILE=str(self.confdir / "auth.json"),
-            HOME=str(self.home),
-            XDG_CONFIG_HOME=str(self.home / ".config"),
-            XDG_DATA_HOME=str(self.home / ".local" / "share"),
-            TMPDIR=str(self.dir / "image-copy-tmp"),
+            CONTAINERS_STORAGE_CONF=self._p(self.confdir / "storage.conf"),
+            CONTAINERS_CONF=self._p(self.confdir / "containers.conf"),
+            CONTAINERS_REGISTRIES_CONF=self._p(self.confdir / "registries.conf"),
+            REGISTRY_AUTH_FILE=self._p(self.confdir / "auth.json"),
+            HOME=self._p(self.home),
+            XDG_CONFIG_HOME=self._p(self.home / ".config"),
+            XDG_DATA_HOME=self._p(self.home / ".local" / "share"),
+            TMPDIR=self._p(self.dir / "image-copy-tmp"),
         )
         return env
 
@@ -291,8 +432,9 @@ class Podman:
         argv = list(args)
         if log_level is not None:
             argv = [f"--log-level={log_level}", *argv]
+        full = [PODMAN, *argv] if self.chroot is None else self.chroot.argv(["podman", *argv])
         proc = run_bounded(
-            [PODMAN, *argv],
+            full,
             env=self.env,
             cwd=self.dir,
             input=input,
@@ -345,6 +487,8 @@ class Podman:
             except (OSError, subprocess.TimeoutExpired) as e:
                 problems.append(f"podman {' '.join(args)}: {e}")
         self._closed = True
+        if self.chroot is not None:
+            self.chroot.close()
         left = unmount_all_under(self.dir, self.runroot)
         if left:
             raise RuntimeError("; ".join([*problems, f"still mounted: {left}"]))

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -125,24 +126,43 @@ def image(registry: LoggingRegistry, tmp_path_factory: pytest.TempPathFactory) -
     return image
 
 
+@pytest.mark.parametrize("flavor", ["host", "podman5"])
 def test_pull_and_run(
-    podman_ok: None, registry: LoggingRegistry, image: WrittenImage, tmp_path: Path,
+    podman_ok: None, registry: LoggingRegistry, image: WrittenImage, tmp_path: Path, flavor: str,
 ) -> None:
+    """The host's podman, and podman 5 chrooted into ci/podman5-root.sh's root: pull, run,
+    rmi; then nothing is left: no directories, no mounts on the host, no namespace."""
     ref = f"{registry.host}/soci/podmanenv:v1"
-    with podmanenv.Podman(tmp_path, insecure_registries=[registry.host]) as pm:
-        image_id = pm.pull(ref)
-        assert len(image_id) == 64
-        assert any(img["Id"] == image_id for img in pm.images())
-        started = time.monotonic()
-        assert pm.run(ref, "/bin/cat", "/etc/hello.txt") == b"hello from the registry\n"
-        # A failing conmon exit command shows up as a 20 s wait after the container exits.
-        assert time.monotonic() - started < 15
-        pm.rmi(ref)
-        assert pm.images() == []
-        dirs = (pm.dir, pm.runroot)
-    for d in dirs:
-        assert not d.exists()
-    assert podmanenv.mounts_under(*dirs) == []
+    chroot, workdir = None, tmp_path
+    if flavor == "podman5":
+        reason = podmanenv.podman5_available()
+        assert reason is None, reason
+        chroot, workdir = podmanenv.PODMAN5_ROOT, podmanenv.chroot_scratch()
+    try:
+        with podmanenv.Podman(workdir, insecure_registries=[registry.host], chroot=chroot) as pm:
+            version = pm.command("version", "--format", "{{.Client.Version}}").stdout.decode()
+            assert version.startswith("5." if chroot else "4."), version
+            image_id = pm.pull(ref)
+            assert len(image_id) == 64
+            assert any(img["Id"] == image_id for img in pm.images())
+            started = time.monotonic()
+            assert pm.run(ref, "/bin/cat", "/etc/hello.txt") == b"hello from the registry\n"
+            # A failing conmon exit command shows up as a 20 s wait after the container exits.
+            assert time.monotonic() - started < 15
+            pm.rmi(ref)
+            assert pm.images() == []
+            dirs = (pm.dir, pm.runroot)
+            holder = pm.chroot.holder if pm.chroot else None
+            assert (holder is not None) == (flavor == "podman5")
+        for d in dirs:
+            assert not d.exists()
+        assert podmanenv.mounts_under(*dirs) == []
+        if holder is not None:  # the namespace's holder is gone, and the root is unmounted
+            assert holder.poll() is not None
+            assert podmanenv.mounts_under(podmanenv.PODMAN5_ROOT) == []
+    finally:
+        if chroot is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_additional_layer_store_supplies_layer(
@@ -181,3 +201,36 @@ def test_additional_layer_store_supplies_layer(
         pm.rmi(ref)
     # podman's "use" file came and went; the (plain, non-GC-aware) layer dir stays.
     assert sorted(p.name for p in layer_dir.iterdir()) == ["blob", "diff", "info"]
+
+
+def test_chroot_mounts_stay_in_their_namespace_and_die_with_the_test(tmp_path: Path) -> None:
+    """A mount made in the chroot is never seen on the host, and SIGKILLing the test process
+    that made the namespace takes the namespace (and the mount) with it."""
+    reason = podmanenv.podman5_available()
+    assert reason is None, reason
+    root = podmanenv.PODMAN5_ROOT
+    script = (
+        "import subprocess, sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import podmanenv\n"
+        "c = podmanenv.Chroot(podmanenv.PODMAN5_ROOT)\n"
+        "argv = c.argv(['sh', '-c', 'mount -t tmpfs soci-probe /mnt && grep -c soci-probe "
+        "/proc/self/mounts'])\n"
+        "print(c.holder.pid, subprocess.run(argv, capture_output=True).stdout.decode().strip(),"
+        " flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as child:
+        try:
+            assert child.stdout is not None
+            holder, seen_inside = child.stdout.readline().split()
+            assert seen_inside == b"1"
+            assert podmanenv.mounts_under(root) == []  # the host never sees it
+            assert Path(f"/proc/{int(holder)}").exists()
+        finally:
+            child.kill()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{int(holder)}").exists():  # PR_SET_PDEATHSIG: the holder follows
+        assert time.monotonic() < deadline, "the namespace holder outlived its test process"
+        time.sleep(0.05)
+    assert podmanenv.mounts_under(root) == []
