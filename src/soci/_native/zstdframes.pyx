@@ -424,6 +424,12 @@ cdef class ZstdIndexer:
         return self.data_end
 
     @property
+    def resolved(self) -> int:
+        """Compressed offset below which no checkpoint can still be reported (a frame header
+        being collected may yet become one)."""
+        return self.frame_start if self.state == S_HEAD and self.hdr_fill else self.total_in
+
+    @property
     def open_span(self) -> int:
         """Uncompressed bytes of the span being built so far."""
         return self.total_out - self.last
