@@ -177,6 +177,13 @@ def with_dictionary_id(frame: bytes) -> bytes:
     return frame[:4] + bytes([d | 1, frame[5], 0x2A]) + frame[6:]
 
 
+def _long_window_frame() -> bytes:
+    """A frame whose header asks for a 256 MiB window (window byte 0x90: 2**28)."""
+    frame = zstd(data=TAR[:100_000])
+    assert not frame[4] & 0x20
+    return frame[:5] + b"\x90" + frame[6:]
+
+
 def bad_blobs() -> list[tuple[str, bytes, str]]:
     good = zstd()
     return [
@@ -194,6 +201,7 @@ def bad_blobs() -> list[tuple[str, bytes, str]]:
         ("dictionary frame", with_dictionary_id(good), "dictionary"),
         ("garbage after a frame", good + b"garbage!", "bad magic"),
         ("no data frame", skippable(b"only"), "no data frame"),
+        ("window over 128 MiB", _long_window_frame(), "zstd --long=28"),
     ]
 
 

@@ -137,6 +137,14 @@ cdef int parse_header(const unsigned char *hdr, uint32_t *dict_id, int64_t *cont
     return 0
 
 
+def _explain(message: str) -> str:
+    """libzstd's words for a refused window, made plain."""
+    if "too much memory" in message:
+        return message + (f" (its window is over {1 << WINDOW_LOG >> 20} MiB, as written by "
+                          f"zstd --long=28 and up: not supported)")
+    return message
+
+
 cdef ZSTD_DCtx *new_dctx() noexcept nogil:
     cdef ZSTD_DCtx *d = ZSTD_createDCtx()
     if d is not NULL:
@@ -389,7 +397,8 @@ cdef class ZstdIndexer:
         if self.scanner_failed:
             self.scanner.raise_error()
         from soci.errors import LayerFormatError
-        raise LayerFormatError(f"corrupt zstd data: {self.error.decode(errors='replace')}")
+        message = f"corrupt zstd data: {self.error.decode(errors='replace')}"
+        raise LayerFormatError(_explain(message))
 
     def finish(self) -> None:
         """Require the blob to end after a whole frame, with at least one data frame."""
@@ -520,7 +529,8 @@ def decompress_range(const unsigned char[:] comp, int64_t skip, unsigned char[:]
                            &got, &ended, &why)
     from soci.errors import LayerFormatError
     if rc < 0:
-        raise LayerFormatError(f"corrupt zstd data in span: {why.decode(errors='replace')}")
+        message = f"corrupt zstd data in span: {why.decode(errors='replace')}"
+        raise LayerFormatError(_explain(message))
     if got < dest.shape[0] and not ended:
         raise LayerFormatError("zstd data in span ends inside a frame (truncated)")
     return got
