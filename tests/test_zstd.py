@@ -4,6 +4,7 @@ input refused in one line, and create/convert of a zstd image in a real registry
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import struct
@@ -358,3 +359,24 @@ def test_convert_indexes_the_zstd_layer(tmp_path: Path,
 def test_docker_zstd_media_type_is_a_zstd_layer() -> None:
     assert "application/vnd.docker.image.rootfs.diff.tar.zstd" in mt.ZSTD_LAYERS
     assert shutil.which("zstd") is not None
+
+
+class ShortReads(io.BytesIO):
+    """A source that returns short reads (as a socket does), so frame headers straddle
+    the pieces the indexer is fed."""
+
+    def __init__(self, data: bytes, seed: int) -> None:
+        super().__init__(data)
+        self.sizes = itertools.cycle([*[1, 3, 17, 5, 4096, 9, 2, 65536, 11, 18][seed:], 7])
+
+    def read(self, n: int | None = -1) -> bytes:
+        return super().read(min(n, next(self.sizes)) if n and n > 0 else n)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_short_reads_give_the_same_ztoc(seed: int) -> None:
+    small = files_layer({f"f{i}": big_file(f"s{i}", 150_000 + i) for i in range(16)})
+    blob = frames_with_skippables(small, piece=100_000)
+    want = encode(build(blob, 256 << 10).ztoc)
+    got = build_ztoc(ShortReads(blob, seed), span_size=256 << 10)
+    assert encode(got.ztoc) == want
