@@ -1,6 +1,6 @@
 """Build the Cython core.
 
-``zran`` links zlib: a static zlib-ng (built in zlib-compatible mode) by
+``zstdframes`` links libzstd (statically when libzstd.a is installed). ``zran`` links zlib: a static zlib-ng (built in zlib-compatible mode) by
 default, since it inflates about twice as fast, or the system's. The zlib-ng
 install prefix is, in order: ``SOCI_ZLIB_PREFIX``; ``.build/zlib-ng/prefix``
 when ``ci/build-zlib-ng.sh`` has built it; or, when cmake is on PATH, a fresh
@@ -89,6 +89,27 @@ def zlib_options() -> dict:
     }
 
 
+def zstd_options() -> dict:
+    """Compile and link options for zstdframes: libzstd linked statically when its archive is
+    found (so the wheel vendors no shared library), else the system's shared libzstd.
+
+    ``SOCI_ZSTD_STATIC`` names the archive (``libzstd.a``); by default the one libzstd-dev
+    installs is used. ``SOCI_ZSTD=system`` links the shared library instead.
+    """
+    if not BUILDING or os.environ.get("SOCI_ZSTD") == "system":
+        return {"libraries": ["zstd"]}
+    candidates = [os.environ.get("SOCI_ZSTD_STATIC", "")]
+    candidates += [os.path.join(d, "libzstd.a")
+                   for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+                             "/usr/lib64", "/usr/lib", "/usr/local/lib")]
+    for static in candidates:
+        if static and os.path.exists(static):
+            say(f"linking libzstd statically from {static}")
+            return {"extra_objects": [static], "extra_link_args": ["-Wl,--exclude-libs,ALL"]}
+    say("libzstd.a not found: linking the shared libzstd (install libzstd-dev for a static link)")
+    return {"libraries": ["zstd"]}
+
+
 def native(name: str, **options: object) -> Extension:
     return Extension(
         f"soci._native.{name}",
@@ -100,7 +121,8 @@ def native(name: str, **options: object) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [native("zran", **zlib_options()), native("tarscan"), native("flatbuf")],
+        [native("zran", **zlib_options()), native("tarscan"), native("flatbuf"),
+         native("zstdframes", **zstd_options())],
         compiler_directives={"language_level": "3"},
         include_path=["src"],
     ),

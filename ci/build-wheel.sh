@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build what users install: an sdist and a manylinux wheel whose native core links zlib-ng
-# statically, both into dist/. The wheel is built from the sdist (so the sdist is known to be
+# and libzstd statically, both into dist/. The wheel is built from the sdist (so the sdist is known to be
 # complete) and repaired with auditwheel, which checks that it needs nothing from the system
 # beyond the manylinux baseline and gives it the manylinux tag. pyfuse3 stays an ordinary
 # dependency (it is not vendored: only soci's own extension modules are in the wheel).
@@ -18,6 +18,14 @@ export PATH=$PWD/.venv/bin:$PATH
 
 SOCI_ZLIB_PREFIX=$(bash ci/build-zlib-ng.sh)
 export SOCI_ZLIB_PREFIX
+# libzstd from libzstd-dev's archive (ci/setup.sh installs it): a shared libzstd would be
+# vendored by auditwheel instead, and the wheel carries only soci's own extensions.
+SOCI_ZSTD_STATIC=$(dpkg -L libzstd-dev 2>/dev/null | grep '/libzstd\.a$' | head -n 1 || true)
+if [ -z "$SOCI_ZSTD_STATIC" ]; then
+  echo "ci/build-wheel.sh: libzstd.a not found (apt-get install libzstd-dev)" >&2
+  exit 1
+fi
+export SOCI_ZSTD_STATIC
 
 raw=.build/wheel-raw
 rm -rf "$raw"

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential pkg-config zlib1g-dev cmake   # the Cython core: zlib, or zlib-ng built here
+  libzstd-dev                              # the Cython core: libzstd (linked statically)
   fuse3 libfuse3-dev                       # the layer filesystem (FUSE)
   flatbuffers-compiler                     # flatc: tests re-read zTOCs independently
   pigz libarchive-tools tar gzip zstd      # other tar and gzip writers the tests use

@@ -330,7 +330,8 @@ def _bad_layer_images(registry: Registry, tmp_path: Path) -> dict[str, tuple[str
 def test_bad_layer_errors_name_the_layer_and_the_image(registry: Registry,
                                                       tmp_path: Path) -> None:
     """create and convert stop on a corrupt or truncated gzip layer with one line naming the
-    layer digest, the image and what is wrong; a zstd-only image names the image too."""
+    layer digest, the image and what is wrong; an image with every layer skipped names the
+    image too."""
     images = _bad_layer_images(registry, tmp_path)
     root = str(tmp_path / "root")
     for name, what in (("corrupt", "corrupt gzip data near compressed offset"),
@@ -342,8 +343,9 @@ def test_bad_layer_errors_name_the_layer_and_the_image(registry: Registry,
             lines = proc.stderr.strip().splitlines()
             assert len(lines) == 1, proc.stderr
             assert lines[0].startswith(f"Error: layer {layer} of {ref} (linux/amd64): {what}")
+    # Every layer skipped (here: smaller than --min-layer-size) names the image as well.
     ref, layer = images["zstd"]
-    proc = soci("--plain-http", "--root", root, "create", ref, "--min-layer-size", "0")
+    proc = soci("--plain-http", "--root", root, "create", ref, "--min-layer-size", "10000000")
     assert proc.returncode == 1
     assert f"layer {layer} (application/vnd.oci.image.layer.v1.tar+zstd)" in proc.stdout
     assert proc.stderr.startswith(f"Error: no zTOCs created for {ref} (linux/amd64): ")

@@ -58,7 +58,8 @@ def test_wheel_is_manylinux_with_only_our_extensions() -> None:
     with zipfile.ZipFile(built_wheel()) as zf:
         names = zf.namelist()
     shared = sorted(n for n in names if ".so" in Path(n).name)
-    assert [Path(n).name.split(".")[0] for n in shared] == ["flatbuf", "tarscan", "zran"], shared
+    assert [Path(n).name.split(".")[0] for n in shared] == ["flatbuf", "tarscan", "zran",
+                                                               "zstdframes"], shared
     assert all(n.startswith("soci/_native/") for n in shared), shared
     assert not [n for n in names if n.startswith(("pyfuse3", "soci.libs/"))], names
 

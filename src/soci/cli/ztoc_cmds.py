@@ -62,7 +62,7 @@ def _load(app: App, what: str) -> tuple[Ztoc, bytes, str | None]:
 
 @click.group()
 def ztoc() -> None:
-    """Build and inspect zTOCs (per-layer tables of contents with gzip checkpoints)."""
+    """Build and inspect zTOCs (per-layer tables of contents with gzip or zstd checkpoints)."""
 
 
 @ztoc.command("build")
@@ -75,7 +75,7 @@ def ztoc() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the zTOC digest.")
 @one_line_errors
 def ztoc_build(layer: str, span_size: int, output: str | None, quiet: bool) -> None:
-    """Build the zTOC of a gzip or tar LAYER blob ('-' reads standard input)."""
+    """Build the zTOC of a gzip, zstd or tar LAYER blob ('-' reads standard input)."""
     if output is None:
         output = "ztoc" if layer == "-" else os.path.basename(layer) + ".ztoc"
     source: BinaryIO

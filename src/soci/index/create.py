@@ -24,7 +24,7 @@ from soci.image.sources import ImageSource
 from soci.index.model import SociIndex
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor
-from soci.ztoc import DEFAULT_SPAN_SIZE, Ztoc, build_ztoc, decode, encode
+from soci.ztoc import DEFAULT_SPAN_SIZE, UnservableLayerError, Ztoc, build_ztoc, decode, encode
 
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
 OPTIMIZATIONS = ("xattr",)
@@ -92,9 +92,7 @@ def _skip_reason(layer: Descriptor, opts: CreateOptions) -> str | None:
         return f"is not a layer ({layer.media_type})"
     if layer.size < opts.min_layer_size:
         return f"size {layer.size} is less than min-layer-size {opts.min_layer_size}"
-    if layer.media_type in mt.ZSTD_LAYERS:
-        return "is compressed in an unsupported format (zstd); expected tar or gzip"
-    if layer.media_type not in mt.GZIP_LAYERS | mt.TAR_LAYERS:
+    if layer.media_type not in mt.GZIP_LAYERS | mt.TAR_LAYERS | mt.ZSTD_LAYERS:
         return f"has an unsupported media type {layer.media_type}"
     return None
 
@@ -133,8 +131,13 @@ def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts:
     # The builder hashes every byte; its digest is checked against the layer's below,
     # before anything is stored, so the stream need not hash them a second time.
     with closing(source.open_blob(layer, verify=False)) as stream:
-        result = build_ztoc(stream, span_size=opts.span_size, build_tool=opts.build_tool,
-                            progress=progress)
+        try:
+            result = build_ztoc(stream, span_size=opts.span_size, build_tool=opts.build_tool,
+                                progress=progress)
+        except UnservableLayerError as e:
+            # A zstd layer of one frame (or frames far above the span size): valid, but it
+            # can only be pulled whole, so it is left out of the index like upstream's skips.
+            return LayerOutcome(layer, "skipped", reason=str(e).replace("zstd layer ", "", 1))
     if result.layer_digest != layer.digest or result.layer_size != layer.size:
         raise DigestMismatchError(
             f"got {result.layer_size} bytes hashing to {result.layer_digest}, not the "
@@ -172,7 +175,8 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
     if not blobs:
         raise EmptyIndexError(
             f"no zTOCs created for {image_name}: every layer was skipped "
-            f"(smaller than --min-layer-size {opts.min_layer_size}, or not gzip/tar)"
+            f"(smaller than --min-layer-size {opts.min_layer_size}, not gzip/zstd/tar, "
+            f"or zstd frames too large to serve lazily)"
         )
     subject = None
     if version == 1:

@@ -8,6 +8,9 @@ so on two cores hashing and TOC decoding hide behind inflation.
 
 Nothing here needs a seekable source: a registry response body works as well
 as a file.
+
+zstd layers go through the same pass with ``ZstdIndexer`` in place of the
+inflater: a checkpoint is a frame start, a span a run of whole frames.
 """
 
 from __future__ import annotations
@@ -23,20 +26,33 @@ from typing import BinaryIO
 from soci import BUILD_TOOL_IDENTIFIER
 from soci._native.tarscan import TarScanner
 from soci._native.zran import GzipIndexer
-from soci.errors import LayerFormatError
+from soci._native.zstdframes import ZstdIndexer
+from soci.errors import LayerFormatError, ZtocFormatError
 from soci.ztoc.model import DEFAULT_SPAN_SIZE, ZTOC_VERSION, Compression, Ztoc
 from soci.ztoc.tarmeta import TocDecoder
-from soci.ztoc.zinfo import MAX_SPAN_SIZE, TarZinfo
+from soci.ztoc.zinfo import (
+    MAX_SPAN_SIZE,
+    ZSTD_SPAN_FACTOR,
+    TarZinfo,
+    ZstdZinfo,
+    check_span_lengths,
+    zstd_span_limit,
+)
 
 CHUNK_SIZE = 1 << 20
 _QUEUE_DEPTH = 16
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _OTHER_MAGIC = {
-    b"\x28\xb5\x2f\xfd": "zstd",
     b"BZh": "bzip2",
     b"\xfd7zXZ\x00": "xz",
 }
+
+
+class UnservableLayerError(LayerFormatError):
+    """A valid layer that cannot be served span by span (a zstd layer whose frames are far
+    larger than the span size): callers skip it, as upstream skips what it cannot index."""
 
 
 @dataclass(slots=True)
@@ -49,14 +65,23 @@ class BuildResult:
 
 
 def detect_compression(head: bytes) -> Compression:
-    """Classify a layer by its first bytes: gzip, a plain tar, or an error naming why not."""
+    """Classify a layer by its first bytes: gzip, zstd, a plain tar, or an error naming why not.
+
+    A zstd layer may start with a skippable frame (magic 0x184D2A5?).
+    """
     if not head:
         raise LayerFormatError("layer blob is empty")
     if head.startswith(_GZIP_MAGIC):
         return Compression.GZIP
+    if head.startswith(_ZSTD_MAGIC) or (
+        len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
+    ):
+        return Compression.ZSTD
     for magic, name in _OTHER_MAGIC.items():
         if head.startswith(magic):
-            raise LayerFormatError(f"{name}-compressed layers cannot be indexed (gzip or tar only)")
+            raise LayerFormatError(
+                f"{name}-compressed layers cannot be indexed (gzip, zstd or tar only)"
+            )
     return Compression.UNCOMPRESSED
 
 
@@ -170,6 +195,125 @@ class _Hasher(threading.Thread):
             self._span = None
 
 
+class _ZstdHasher(_Hasher):
+    """The hasher for zstd layers: spans are ``[c_i, c_{i+1})`` between frame starts, and the
+    last one ends just past the last data frame (trailing skippable frames, like a
+    zstd:chunked TOC, belong to no span, nor do leading ones).
+
+    The indexer reports a frame start only once its whole header has arrived, up to 17
+    bytes after the frame began, maybe in an earlier chunk; so bytes are kept until the
+    indexer says no checkpoint can still fall among them (``safe``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = bytearray()
+        self._buf_at = 0              # compressed offset of _buf[0]
+        self._end_digest: str | None = None
+
+    def run(self) -> None:
+        try:
+            while (item := self.items.get()) is not None:
+                chunk, starts, end, safe, records = item
+                self._take(chunk, starts, end, safe)
+                if records:
+                    self.toc.feed(records)
+        except BaseException as e:  # handed to the building thread
+            self.error = e
+            while self.items.get() is not None:
+                pass
+
+    def _hash_to(self, at: int) -> None:
+        cut = at - self._buf_at
+        if self._span is not None and cut > 0:
+            self._span.update(memoryview(self._buf)[:cut])
+        del self._buf[:cut]
+        self._buf_at = at
+
+    def _take(self, chunk: bytes, starts: list[int], end: int, safe: int) -> None:
+        self.blob.update(chunk)
+        self._buf += chunk
+        for at in starts:
+            self._hash_to(at)
+            if self._span is not None:
+                self.span_digests.append("sha256:" + self._span.hexdigest())
+            self._span = hashlib.sha256()
+            self._end_digest = None
+        if self._span is not None and end >= self._buf_at:
+            self._hash_to(end)
+            self._end_digest = "sha256:" + self._span.hexdigest()
+        self._hash_to(max(safe, self._buf_at))
+
+    def finish(self) -> None:
+        if self._end_digest is None:
+            raise LayerFormatError("zstd stream holds no complete data frame")
+        self.span_digests.append(self._end_digest)
+        self._span = None
+
+
+def _build_zstd(first: bytes, reader: _Reader, span_size: int, build_tool: str,
+                progress: Callable[[int], None] | None) -> BuildResult:
+    """The zstd pass: frames decoded natively, spans hashed and headers decoded behind it."""
+    scanner = TarScanner()
+    indexer = ZstdIndexer(span_size, scanner)
+    limit = zstd_span_limit(span_size)
+    hasher = _ZstdHasher()
+    hasher.start()
+    points: list[tuple[int, int]] = []
+    end = -1
+    try:
+        chunk = first
+        while chunk:
+            if hasher.error is not None:
+                break
+            found = indexer.feed(chunk)
+            points += found
+            if indexer.open_span > limit:
+                raise UnservableLayerError(
+                    f"zstd layer cannot be served lazily: a run of frames decodes to over "
+                    f"{limit} bytes, and spans may hold at most {ZSTD_SPAN_FACTOR}x the span "
+                    f"size ({span_size}); the layer is probably one zstd frame (plain `zstd`, "
+                    f"`zstd -T0`, containerd, buildkit): compress it with pzstd or "
+                    f"zstd:chunked, or raise --span-size"
+                )
+            new_end = indexer.data_end if indexer.data_end != end else -1
+            end = indexer.data_end
+            hasher.items.put((chunk, [at for at, _ in found], new_end, indexer.resolved,
+                              scanner.take_records()))
+            if progress is not None:
+                progress(indexer.total_in)
+            chunk = reader.next()
+        if hasher.error is None:
+            indexer.finish()
+            archive_size = scanner.finish()
+    finally:
+        reader.stop()
+        hasher.items.put(None)
+        hasher.join()
+    if hasher.error is not None:
+        raise hasher.error
+    hasher.finish()
+    points.append((indexer.data_end, indexer.total_out))
+    checkpoints = ZstdZinfo.encode(span_size, points)
+    zinfo = ZstdZinfo(checkpoints, indexer.total_in)
+    try:
+        check_span_lengths(zinfo, archive_size)
+    except ZtocFormatError as e:
+        raise UnservableLayerError(f"zstd layer cannot be served lazily: {e}") from None
+    ztoc = Ztoc(
+        version=ZTOC_VERSION,
+        build_tool=build_tool,
+        compressed_size=indexer.total_in,
+        uncompressed_size=archive_size,
+        entries=hasher.toc.entries,
+        compression=Compression.ZSTD,
+        max_span_id=zinfo.max_span_id,
+        span_digests=hasher.span_digests,
+        checkpoints=checkpoints,
+    )
+    return BuildResult(ztoc, "sha256:" + hasher.blob.hexdigest(), indexer.total_in)
+
+
 def build_ztoc(
     source: BinaryIO,
     *,
@@ -177,16 +321,22 @@ def build_ztoc(
     build_tool: str = BUILD_TOOL_IDENTIFIER,
     progress: Callable[[int], None] | None = None,
 ) -> BuildResult:
-    """Build the zTOC of a gzip or plain tar layer read from ``source``.
+    """Build the zTOC of a gzip, zstd or plain tar layer read from ``source``.
 
     ``progress`` is called with the number of compressed bytes consumed so far.
-    Raises ``LayerFormatError`` for anything that is not a complete, valid layer.
+    Raises ``LayerFormatError`` for anything that is not a complete, valid layer, and its
+    subclass ``UnservableLayerError`` for a valid zstd layer whose frames are too large to
+    serve span by span.
     """
     if not 0 < span_size <= MAX_SPAN_SIZE:
         # A larger span could not be served: readers refuse spans past MAX_SPAN_BYTES.
         raise ValueError(f"span size must be between 1 and {MAX_SPAN_SIZE} bytes")
     first = _read_full(source, CHUNK_SIZE)
     compression = detect_compression(first)
+    if compression is Compression.ZSTD:
+        reader = _Reader(source)
+        reader.start()
+        return _build_zstd(first, reader, span_size, build_tool, progress)
     scanner = TarScanner()
     indexer = GzipIndexer(span_size, scanner) if compression is Compression.GZIP else None
     hasher = _Hasher()

@@ -2,7 +2,8 @@
 
 A read touches only the spans that hold the requested range: their compressed
 bytes are fetched with one positional read (or, later, one HTTP range
-request) and inflated from the first span's checkpoint in the native core.
+request) and inflated from the first span's checkpoint in the native core
+(for zstd layers: its whole frames decoded from the first span's first frame).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import posixpath
 from typing import Protocol
 
 from soci._native.zran import inflate_range
+from soci._native.zstdframes import decompress_range
 from soci.errors import DigestMismatchError, LayerFormatError, NotFoundError
 from soci.ztoc.model import FileMetadata, Ztoc
-from soci.ztoc.zinfo import GzipZinfo, TarZinfo, zinfo_of
+from soci.ztoc.zinfo import GzipZinfo, TarZinfo, ZstdZinfo, zinfo_of
 
 _MAX_LINK_DEPTH = 40
 
@@ -59,7 +61,7 @@ class SpanMismatch(DigestMismatchError):
         self.span = span
 
 
-def split_verified(ztoc: Ztoc, zinfo: GzipZinfo | TarZinfo, comp: bytes, base: int,
+def split_verified(ztoc: Ztoc, zinfo: GzipZinfo | TarZinfo | ZstdZinfo, comp: bytes, base: int,
                    first: int, last: int) -> dict[int, bytes]:
     """Cut compressed bytes starting at offset ``base`` into spans first..last, each checked
     against its span digest (``SpanMismatch`` names the first that is wrong)."""
@@ -78,7 +80,7 @@ class LayerReader:
 
     def __init__(self, ztoc: Ztoc, blob: BlobReader) -> None:
         self.ztoc = ztoc
-        self.zinfo: GzipZinfo | TarZinfo = zinfo_of(ztoc)
+        self.zinfo: GzipZinfo | TarZinfo | ZstdZinfo = zinfo_of(ztoc)
         self.blob = blob
 
     def read(self, offset: int, size: int) -> bytes:
@@ -98,6 +100,9 @@ class LayerReader:
         if isinstance(zinfo, TarZinfo):
             data = comp[offset - start : offset - start + size]
             got = len(data)
+        elif isinstance(zinfo, ZstdZinfo):
+            data = decode_zstd_spans(zinfo, comp, first, offset, size)
+            got = len(data)
         else:
             out = bytearray(size)
             got = inflate_range(
@@ -112,6 +117,35 @@ class LayerReader:
 
     def read_file(self, entry: FileMetadata) -> bytes:
         return self.read(entry.offset, entry.size)
+
+
+def decode_zstd_spans(zinfo: ZstdZinfo, comp: bytes | memoryview, first: int, offset: int,
+                      size: int) -> bytes:
+    """``size`` uncompressed bytes at ``offset`` from the verified compressed bytes of whole
+    zstd spans starting with span ``first`` (only the frames up to the last byte wanted are
+    decoded). Raises ``LayerFormatError`` if the frames are corrupt or end early."""
+    out = bytearray(size)
+    got = decompress_range(comp, offset - zinfo.uncompressed_start(first), out)
+    if got != size:
+        raise LayerFormatError(
+            f"zstd spans decode to fewer bytes than the zTOC says: got {got} of {size} at "
+            f"uncompressed offset {offset}"
+        )
+    return bytes(out)
+
+
+def decode_zstd_span(zinfo: ZstdZinfo, span: int, comp: bytes | memoryview) -> bytes:
+    """All uncompressed bytes of zstd span ``span`` from its verified compressed bytes: exactly
+    ``uncompressed_end - uncompressed_start`` of them, or ``LayerFormatError``."""
+    want = zinfo.uncompressed_end(span) - zinfo.uncompressed_start(span)
+    out = bytearray(want + 1)  # one spare byte: a span decoding to more is refused too
+    got = decompress_range(comp, 0, out)
+    if got != want:
+        raise LayerFormatError(
+            f"zstd span {span} decodes to {'more' if got > want else got} bytes, not the "
+            f"{want} its zTOC says"
+        )
+    return bytes(out[:want])
 
 
 def _clean(path: str) -> str:

@@ -21,10 +21,16 @@ XATTR_PREFIX = "SCHILY.xattr."
 
 
 class Compression(enum.IntEnum):
-    """``CompressionAlgorithm`` in upstream's ztoc.fbs."""
+    """``CompressionAlgorithm`` in upstream's ztoc.fbs, plus ``ZSTD`` (soci's extension).
+
+    Upstream's enum stops at 2; an upstream reader turns 3 into the name
+    "compressionalgorithm(3)", finds no zinfo for it and refuses the zTOC, so its
+    snapshotter falls back to pulling the layer instead of serving it.
+    """
 
     GZIP = 1
     UNCOMPRESSED = 2
+    ZSTD = 3
 
     @property
     def label(self) -> str:

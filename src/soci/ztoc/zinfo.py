@@ -2,7 +2,24 @@
 
 ``GzipZinfo`` reads upstream's packed gzip checkpoint blob (``gzip_zinfo.h``,
 versions 1 and 2); ``TarZinfo`` describes an uncompressed layer cut into equal
-spans. Both answer the same questions, so readers never branch on the format.
+spans; ``ZstdZinfo`` reads soci's table of zstd frame starts (layout below). All
+answer the same questions, so readers never branch on the format.
+
+The zstd checkpoint table (little-endian, version 1)::
+
+    0   4  magic b"SZST"
+    4   4  uint32 version (1)
+    8   8  int64 span_size the zTOC was built with
+    16  4  uint32 span_count N (1 <= N <= 2**31 - 1)
+    20  4  uint32 reserved, 0
+    24  16*(N+1)  N+1 pairs (int64 compressed_offset, int64 uncompressed_offset)
+
+Pair ``i < N`` is where span ``i`` starts: the first byte of a zstd data frame and the
+uncompressed offset of its first byte. Pair ``N`` closes the last span: just past the
+last data frame, and the total decoded size. Span ``i`` is compressed bytes
+``[c_i, c_{i+1})`` (whole frames, plus any skippable frames between them): its digest is
+the sha256 of exactly those bytes, and it decodes from its first byte with no other state.
+Skippable frames before the first or after the last data frame belong to no span.
 """
 
 from __future__ import annotations
@@ -121,6 +138,83 @@ class GzipZinfo:
         return bytes(WINDOW_SIZE) if at < 0 else self._blob[at : at + WINDOW_SIZE]
 
 
+_ZSTD_MAGIC = b"SZST"
+_ZSTD_HEADER = struct.Struct("<4sIqII")
+_ZSTD_POINT = struct.Struct("<qq")
+ZSTD_ZINFO_VERSION = 1
+#: A zstd span may hold at most this many times the span size (frames are never cut, so a
+#: span is a run of whole frames: at least span_size bytes, plus at most one frame).
+ZSTD_SPAN_FACTOR = 4
+
+
+def zstd_span_limit(span_size: int) -> int:
+    """Most uncompressed bytes a zstd span of a zTOC built with ``span_size`` may hold."""
+    return min(MAX_SPAN_BYTES, ZSTD_SPAN_FACTOR * span_size)
+
+
+class ZstdZinfo:
+    """Checkpoints of a zstd layer: the frame start (compressed, uncompressed) of each span."""
+
+    def __init__(self, blob: bytes, compressed_size: int) -> None:
+        if len(blob) < _ZSTD_HEADER.size:
+            raise ZtocFormatError("zstd checkpoint table is shorter than its header")
+        magic, self.version, self.span_size, count, reserved = _ZSTD_HEADER.unpack_from(blob)
+        if magic != _ZSTD_MAGIC or self.version != ZSTD_ZINFO_VERSION or reserved:
+            raise ZtocFormatError(
+                f"zstd checkpoint table has an unknown magic or version ({magic!r}, "
+                f"{self.version})"
+            )
+        if self.span_size <= 0 or not 1 <= count <= 0x7FFFFFFF:
+            raise ZtocFormatError("zstd checkpoint table has a bad span size or span count")
+        if len(blob) != _ZSTD_HEADER.size + (count + 1) * _ZSTD_POINT.size:
+            raise ZtocFormatError(
+                f"zstd checkpoint table size {len(blob)} does not match its {count} spans"
+            )
+        points = list(_ZSTD_POINT.iter_unpack(memoryview(blob)[_ZSTD_HEADER.size :]))
+        self.ins = [p[0] for p in points]
+        self.outs = [p[1] for p in points]
+        self.compressed_size = compressed_size
+        if self.ins[0] < 0 or self.outs[0] != 0:
+            raise ZtocFormatError("first zstd checkpoint is not at uncompressed offset 0")
+        if self.ins[-1] > compressed_size:
+            raise ZtocFormatError("zstd checkpoints lie outside the layer")
+        for i in range(1, len(points)):
+            if self.ins[i] <= self.ins[i - 1] or self.outs[i] < self.outs[i - 1]:
+                raise ZtocFormatError(f"zstd checkpoint {i} goes backwards")
+
+    @staticmethod
+    def encode(span_size: int, points: list[tuple[int, int]]) -> bytes:
+        """The table for spans starting at ``points[:-1]``, closed by ``points[-1]``."""
+        head = _ZSTD_HEADER.pack(_ZSTD_MAGIC, ZSTD_ZINFO_VERSION, span_size, len(points) - 1, 0)
+        return head + b"".join(_ZSTD_POINT.pack(c, u) for c, u in points)
+
+    @property
+    def max_span_id(self) -> int:
+        return len(self.ins) - 2
+
+    @property
+    def decoded_size(self) -> int:
+        """Uncompressed bytes of all spans (the tar archive plus any trailing padding)."""
+        return self.outs[-1]
+
+    def span_of(self, offset: int) -> int:
+        """The span holding uncompressed ``offset`` (the last checkpoint at or before it)."""
+        return min(max(bisect.bisect_right(self.outs, offset, 0, len(self.outs) - 1) - 1, 0),
+                   self.max_span_id)
+
+    def compressed_start(self, span: int) -> int:
+        return self.ins[span]
+
+    def compressed_end(self, span: int) -> int:
+        return self.ins[span + 1]
+
+    def uncompressed_start(self, span: int) -> int:
+        return self.outs[span]
+
+    def uncompressed_end(self, span: int) -> int:
+        return self.outs[span + 1]
+
+
 class TarZinfo:
     """An uncompressed layer: span ``i`` is bytes ``[i*span_size, (i+1)*span_size)``."""
 
@@ -159,7 +253,7 @@ def span_limit(span_size: int) -> int:
     return min(MAX_SPAN_BYTES, span_size + SPAN_SLACK)
 
 
-def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> None:
+def check_span_lengths(zinfo: GzipZinfo | TarZinfo | ZstdZinfo, uncompressed_size: int) -> None:
     """Refuse spans longer than ``span_limit`` of the span size the checkpoints declare.
 
     The zTOC records where each span starts, not how long it may be, and a zTOC whose
@@ -168,6 +262,9 @@ def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> N
     ``uncompressed_size`` (what a reader may ask for; trailing padding past the tar's end
     is never read).
     """
+    if isinstance(zinfo, ZstdZinfo):
+        _check_zstd_spans(zinfo, uncompressed_size)
+        return
     if isinstance(zinfo, TarZinfo):
         longest = min(zinfo.span_size, zinfo.size)
         if longest > MAX_SPAN_BYTES:
@@ -196,11 +293,36 @@ def check_span_lengths(zinfo: GzipZinfo | TarZinfo, uncompressed_size: int) -> N
             )
 
 
-def zinfo_of(ztoc: Ztoc) -> GzipZinfo | TarZinfo:
+def _check_zstd_spans(zinfo: ZstdZinfo, uncompressed_size: int) -> None:
+    """Every zstd span within ``zstd_span_limit`` decoded, and within what that decodes
+    from compressed (incompressible blocks grow by 3 bytes per 128 KiB; frame headers and
+    small skippable frames add little): so no read fetches or decodes a whole layer."""
+    if zinfo.decoded_size < uncompressed_size:
+        raise ZtocFormatError("zstd checkpoints end before the tar archive does")
+    limit = zstd_span_limit(zinfo.span_size)
+    compressed_limit = limit + limit // 8 + (1 << 20)
+    for i in range(zinfo.max_span_id + 1):
+        out = zinfo.outs[i + 1] - zinfo.outs[i]
+        if out > limit:
+            raise ZtocFormatError(
+                f"zTOC span {i} holds {out} uncompressed bytes, over the {limit} a "
+                f"{zinfo.span_size}-byte span size allows for zstd (frames too large?)"
+            )
+        compressed = zinfo.ins[i + 1] - zinfo.ins[i]
+        if compressed > compressed_limit:
+            raise ZtocFormatError(
+                f"zTOC span {i} takes {compressed} compressed bytes, over the "
+                f"{compressed_limit} a {zinfo.span_size}-byte span size allows"
+            )
+
+
+def zinfo_of(ztoc: Ztoc) -> GzipZinfo | TarZinfo | ZstdZinfo:
     """The span geometry for a zTOC, checked against the zTOC's own span count and sizes."""
-    zinfo: GzipZinfo | TarZinfo
+    zinfo: GzipZinfo | TarZinfo | ZstdZinfo
     if ztoc.compression is Compression.GZIP:
         zinfo = GzipZinfo(ztoc.checkpoints, ztoc.compressed_size)
+    elif ztoc.compression is Compression.ZSTD:
+        zinfo = ZstdZinfo(ztoc.checkpoints, ztoc.compressed_size)
     else:
         zinfo = TarZinfo(ztoc.checkpoints)
     if zinfo.max_span_id != ztoc.max_span_id or len(ztoc.span_digests) != ztoc.span_count:
