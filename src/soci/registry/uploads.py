@@ -77,6 +77,16 @@ def _upload(
     if resp.status != 202:
         raise session.error(resp, target, what)
     location = session.location(resp, target, what)
+    try:
+        _send(session, target, digest, stream, size, location, what)
+    except BaseException:
+        # Interrupted or failed half way: drop the session rather than leave it to expire.
+        _cancel_upload(session, target, location)
+        raise
+
+
+def _send(session: Session, target: Target, digest: str, stream: BinaryIO, size: int | None,
+          location: str, what: str) -> None:
     hasher = hashlib.new(digest.split(":", 1)[0])
     first = stream.read(session.chunk_size)
     hasher.update(first)
@@ -120,7 +130,6 @@ def _upload(
     elif actual != digest:
         problem = f"content has digest {actual}"
     if problem:
-        _cancel_upload(session, target, location)
         raise DigestMismatchError(f"{target.label}: {what}: {problem}")
     resp = session.request(
         "PUT",
