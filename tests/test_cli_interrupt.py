@@ -8,7 +8,6 @@ background shell may have started this one with SIGINT ignored, which children i
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,11 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from images import big_file, files_layer, write_image
 from registryd import Registry, push_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from throttle import ThrottledProxy  # noqa: E402
+from throttle import ThrottledProxy
 
 SOCI = [sys.executable, "-m", "soci.cli"]
 

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from images import big_file, files_layer, write_image
 from registryd import Registry, push_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from throttle import ThrottledProxy  # noqa: E402
+from throttle import ThrottledProxy
 
 SOCI = [sys.executable, "-m", "soci.cli"]
 
