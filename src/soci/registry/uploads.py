@@ -79,8 +79,11 @@ def _upload(
     location = session.location(resp, target, what)
     try:
         _send(session, target, digest, stream, size, location, what)
+    except (RegistryError, DigestMismatchError):
+        raise
     except BaseException:
-        # Interrupted or failed half way: drop the session rather than leave it to expire.
+        # Interrupted (Ctrl-C, a cancelled push) or the data source failed half way: drop
+        # the upload session rather than leave it to expire on the registry.
         _cancel_upload(session, target, location)
         raise
 
@@ -130,6 +133,7 @@ def _send(session: Session, target: Target, digest: str, stream: BinaryIO, size:
     elif actual != digest:
         problem = f"content has digest {actual}"
     if problem:
+        _cancel_upload(session, target, location)
         raise DigestMismatchError(f"{target.label}: {what}: {problem}")
     resp = session.request(
         "PUT",
