@@ -65,6 +65,7 @@ cdef class GzipIndexer:
     cdef int32_t count
     cdef TarScanner scanner
     cdef object error
+    cdef int cancelled            # set by cancel() from another thread; polled per OUTCHUNK
 
     def __cinit__(self, int64_t span_size, TarScanner scanner):
         if span_size <= 0:
@@ -112,13 +113,19 @@ cdef class GzipIndexer:
         return 0
 
     cdef int run(self, const unsigned char *data, Py_ssize_t n, const char **why) noexcept nogil:
-        """Inflate all of data; 0, or -1 with *why set (NULL: the tar scanner failed)."""
+        """Inflate all of data; 0, -1 with *why set (NULL: the tar scanner failed), or -2
+        when cancelled."""
         cdef int ret
         cdef unsigned int before_in, before_out, produced
         cdef Py_ssize_t room
         self.strm.next_in = data
         self.strm.avail_in = 0
         while self.strm.avail_in > 0 or n > 0:
+            if self.cancelled:
+                # One int read per 256 KiB of output: a build stops mid-chunk, even on
+                # data that inflates a thousandfold.
+                why[0] = "cancelled"
+                return -2
             if self.strm.avail_in == 0:
                 # zlib takes at most an unsigned int of input at a time.
                 self.strm.avail_in = <unsigned int>(zlib_piece if n > zlib_piece else n)
@@ -166,11 +173,18 @@ cdef class GzipIndexer:
         cdef const char *why = NULL
         cdef int rc = 0
         cdef int32_t first = self.count
+        if self.cancelled:
+            from soci.cancel import Cancelled
+            raise Cancelled()
         if self.failed:
             raise RuntimeError("indexer already failed")
         if data.shape[0]:
             with nogil:
                 rc = self.run(&data[0], data.shape[0], &why)
+        if rc == -2:
+            self.failed = True
+            from soci.cancel import Cancelled
+            raise Cancelled()
         if rc < 0:
             self.failed = True
             if why is NULL:
@@ -186,6 +200,11 @@ cdef class GzipIndexer:
             memcpy(&at, self.points + <Py_ssize_t>i * CHECKPOINT_SIZE, 8)
             found.append((at, self.points[<Py_ssize_t>i * CHECKPOINT_SIZE + 16]))
         return found
+
+    def cancel(self) -> None:
+        """Make a ``feed`` running in another thread stop soon and raise ``Cancelled``
+        (as every later call does)."""
+        self.cancelled = 1
 
     def finish(self) -> None:
         """Require the blob to have ended exactly at the end of a gzip member."""

@@ -6,11 +6,11 @@ import click
 
 from soci.cli.context import App, one_line_errors, pass_app
 from soci.cli.index_cmds import earlier_indexes_note
-from soci.cli.output import ProgressLine
+from soci.cli.output import Bars, exit_on_interrupt, human_size, short
 from soci.errors import NotFoundError, SociError
 from soci.image.destinations import open_destination
 from soci.image.names import parse_image_name
-from soci.image.resolve import resolve_image
+from soci.image.resolve import PlatformImage, resolve_image
 from soci.image.sources import open_source
 from soci.index.convert import convert_image
 from soci.index.create import (
@@ -19,10 +19,13 @@ from soci.index.create import (
     CreateOptions,
     EmptyIndexError,
     LayerOutcome,
+    LayerProgress,
     create_index,
 )
+from soci.index.model import SociIndex
 from soci.index.push import push_index
-from soci.oci.descriptor import Platform
+from soci.oci import mediatypes as mt
+from soci.oci.descriptor import Descriptor, Platform
 from soci.ztoc import DEFAULT_SPAN_SIZE, MAX_SPAN_SIZE
 
 
@@ -51,23 +54,39 @@ def build_options(f):
     return f
 
 
-def _reporter(quiet: bool):
+def _reporter(quiet: bool, bars: Bars):
     def on_layer(o: LayerOutcome) -> None:
+        bars.remove(o.layer.digest)
+        bars.advance()
         if quiet:
             return
         if o.status == "skipped":
-            click.echo(f"ztoc skipped - layer {o.layer.digest} ({o.layer.media_type}) {o.reason}")
+            bars.echo(f"ztoc skipped - layer {o.layer.digest} ({o.layer.media_type}) {o.reason}")
         elif o.status == "exists":
-            click.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest} (already exists)")
+            bars.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest} (already exists)")
         else:
-            click.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest}")
+            bars.echo(f"layer {o.layer.digest} -> ztoc {o.ztoc.digest}")
     return on_layer
+
+
+def _indexing(bars: Bars):
+    """The per-layer bar of a zTOC build: compressed bytes indexed (the bar) and read."""
+    if not bars.enabled:
+        return None
+
+    def progress(p: LayerProgress) -> None:
+        size = p.layer.size
+        bars.update(p.layer.digest, f"layer {short(p.layer.digest)}", p.indexed, size,
+                    f"{human_size(p.indexed)}/{human_size(size)} indexed, "
+                    f"{human_size(p.read)} read")
+    return progress
 
 
 @click.command()
 @click.argument("ref")
 @build_options
 @pass_app
+@exit_on_interrupt
 @one_line_errors
 def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
            optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
@@ -80,25 +99,24 @@ def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
     try:
         resolved = resolve_image(source, _platforms(platforms), all_platforms)
         made = 0
-        for image in resolved.images:
-            total = sum(layer.size for layer in image.manifest.layers)
-            progress = ProgressLine(f"indexing {image.platform}", total, quiet)
-            try:
-                created = create_index(source, image, app.store, opts, refs=[str(name)],
-                                       on_layer=_reporter(quiet), progress=progress.update)
-            except EmptyIndexError as e:
-                if len(resolved.images) == 1:
-                    raise
-                click.echo(f"skipped {image.platform}: {e}")
-                continue
-            finally:
-                progress.done()
-            made += 1
-            click.echo(f"{created.desc.digest}  SOCI index for {image.desc.digest} "
-                       f"({image.platform})")
-            note = earlier_indexes_note(app.store, image.desc.digest, created.desc.digest)
-            if note and not quiet:
-                click.echo(note, err=True)
+        with Bars(quiet) as bars:
+            for image in resolved.images:
+                bars.overall(f"indexing {image.platform}", len(image.manifest.layers), "layers")
+                try:
+                    created = create_index(source, image, app.store, opts, refs=[str(name)],
+                                           on_layer=_reporter(quiet, bars),
+                                           progress=_indexing(bars))
+                except EmptyIndexError as e:
+                    if len(resolved.images) == 1:
+                        raise
+                    bars.echo(f"skipped {image.platform}: {e}")
+                    continue
+                made += 1
+                bars.echo(f"{created.desc.digest}  SOCI index for {image.desc.digest} "
+                          f"({image.platform})")
+                note = earlier_indexes_note(app.store, image.desc.digest, created.desc.digest)
+                if note and not quiet:
+                    bars.echo(note, err=True)
         if not made:
             raise EmptyIndexError("no SOCI index created: every layer of every platform was "
                                   "skipped")
@@ -115,6 +133,7 @@ def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
               show_default=True, help="Blob uploads in flight at once.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print errors and the result.")
 @pass_app
+@exit_on_interrupt
 @one_line_errors
 def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
          max_concurrent_uploads: int, quiet: bool) -> None:
@@ -129,10 +148,26 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
         if index_digest is None or not app.store.content.has_blob(index_digest):
             raise NotFoundError(f"no SOCI index for {image.desc.digest} ({image.platform}) in "
                                 f"{app.store.root}: run soci create {ref} first")
-        desc = push_index(app.client, name.ref, app.store, index_digest,
-                          max_concurrent_uploads=max_concurrent_uploads,
-                          report=None if quiet else click.echo)
-        click.echo(f"{desc.digest}  pushed for {image.desc.digest} ({image.platform})")
+        blobs = 1 + len(SociIndex.parse(app.store.content.read_blob(index_digest)).blobs)
+        with Bars(quiet) as bars:
+            bars.overall(f"pushing {image.platform}", blobs, "blobs")
+
+            def report(line: str) -> None:
+                bars.advance()
+                if not quiet:
+                    bars.echo(line)
+
+            def uploading(blob: Descriptor, sent: int) -> None:
+                what = (f"ztoc of {short(blob.annotations[mt.ANN_LAYER_DIGEST])}"
+                        if blob.annotations and mt.ANN_LAYER_DIGEST in blob.annotations
+                        else short(blob.digest))
+                bars.update(blob.digest, what, sent, blob.size,
+                            f"{human_size(sent)}/{human_size(blob.size)} uploaded")
+
+            desc = push_index(app.client, name.ref, app.store, index_digest,
+                              max_concurrent_uploads=max_concurrent_uploads, report=report,
+                              progress=uploading if bars.enabled else None)
+            bars.echo(f"{desc.digest}  pushed for {image.desc.digest} ({image.platform})")
 
 
 @click.command()
@@ -140,6 +175,7 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
 @click.argument("dst")
 @build_options
 @pass_app
+@exit_on_interrupt
 @one_line_errors
 def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, force: bool,
             optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
@@ -152,16 +188,19 @@ def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, f
     opts = CreateOptions(span_size, min_layer_size, force, optimizations)
     source = open_source(src_name, app.client)
     dest = open_destination(dst_name, app.client)
-    progress = ProgressLine("indexing", None, quiet)
     try:
-        result = convert_image(source, dest, app.store, opts, platforms=_platforms(platforms),
-                               all_platforms=all_platforms, on_layer=_reporter(quiet),
-                               progress=progress.update)
+        with Bars(quiet) as bars:
+            def on_image(image: PlatformImage) -> None:
+                bars.overall(f"indexing {image.platform}", len(image.manifest.layers), "layers")
+
+            result = convert_image(source, dest, app.store, opts,
+                                   platforms=_platforms(platforms), all_platforms=all_platforms,
+                                   on_layer=_reporter(quiet, bars), progress=_indexing(bars),
+                                   on_image=on_image)
     except BaseException:
         dest.abort()
         raise
     finally:
-        progress.done()
         source.close()
     for c in result.created:
         click.echo(f"{c.desc.digest}  SOCI v2 index for {c.image.platform}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from soci.cli.context import App, one_line_errors, pass_app
-from soci.cli.output import ProgressLine, human_size
+from soci.cli.output import Bars, human_size
 from soci.containerd.client import DEFAULT_ADDRESS, DEFAULT_NAMESPACE, Containerd
 from soci.containerd.pull import DEFAULT_SNAPSHOTTER, LayerResult, PullOptions, pull_image
 from soci.errors import SociError
@@ -45,10 +45,13 @@ def pull(app: App, ref: str, soci_index_digest: str | None, platform: str | None
                           platform=Platform.parse(platform) if platform else None,
                           soci_index_digest=soci_index_digest)
 
-    progress = ProgressLine(f"pulling {reference}", None, quiet)
+    bars = Bars(quiet)
+
+    def progress(downloaded: int) -> None:
+        bars.update("pull", f"pulling {reference}", downloaded, None,
+                    f"{human_size(downloaded)} downloaded")
 
     def on_layer(layer: LayerResult) -> None:
-        progress.done()
         if quiet:
             return
         what = {"lazy": f"lazy (mounted by {snapshotter})",
@@ -57,14 +60,11 @@ def pull(app: App, ref: str, soci_index_digest: str | None, platform: str | None
                 "present": "already present"}[layer.status]
         if layer.status == "pulled" and layer.downloaded == 0:
             what = "pulled (blob was in the content store)"
-        click.echo(f"layer {layer.index} {layer.digest} {what}")
+        bars.echo(f"layer {layer.index} {layer.digest} {what}")
 
-    with Containerd(address, namespace) as containerd:
-        try:
-            result = pull_image(containerd, app.client, reference, options,
-                                on_layer=on_layer, progress=progress.update)
-        finally:
-            progress.done()
+    with Containerd(address, namespace) as containerd, bars:
+        result = pull_image(containerd, app.client, reference, options,
+                            on_layer=on_layer, progress=progress if bars.enabled else None)
     summary = ", ".join(f"{result.count(s)} {s}"
                         for s in ("lazy", "unpacked", "pulled", "present")
                         if result.count(s))

@@ -9,8 +9,9 @@ from typing import BinaryIO
 
 import click
 
+from soci.cancel import CancelToken, run_workers
 from soci.cli.context import App, no_trunc_option, one_line_errors, pass_app, short_digest
-from soci.cli.output import ProgressLine, emit_json, human_size, listing
+from soci.cli.output import Bars, emit_json, exit_on_interrupt, human_size, listing
 from soci.errors import NotFoundError, SociError
 from soci.fsutil import atomic_writer
 from soci.image.names import parse_image_name
@@ -19,6 +20,7 @@ from soci.registry import Reference, RegistryClient
 from soci.ztoc import (
     DEFAULT_SPAN_SIZE,
     MAX_SPAN_SIZE,
+    BuildResult,
     FileBlob,
     LayerReader,
     Ztoc,
@@ -73,27 +75,47 @@ def ztoc() -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write the zTOC [default: LAYER.ztoc, or ztoc for stdin].")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the zTOC digest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@exit_on_interrupt
 @one_line_errors
-def ztoc_build(layer: str, span_size: int, output: str | None, quiet: bool) -> None:
+def ztoc_build(layer: str, span_size: int, output: str | None, quiet: bool,
+               as_json: bool) -> None:
     """Build the zTOC of a gzip, zstd or tar LAYER blob ('-' reads standard input)."""
     if output is None:
         output = "ztoc" if layer == "-" else os.path.basename(layer) + ".ztoc"
-    source: BinaryIO
     size = None if layer == "-" else os.path.getsize(layer)
-    progress = ProgressLine("building zTOC", size, quiet)
-    try:
-        if layer == "-":
-            result = build_ztoc(sys.stdin.buffer, span_size=span_size, progress=progress.update)
-        else:
-            with open(layer, "rb") as source:
-                result = build_ztoc(source, span_size=span_size, progress=progress.update)
-    finally:
-        progress.done()
+    name = "standard input" if layer == "-" else os.path.basename(layer)
+    cancel = CancelToken()
+    with Bars(quiet) as bars:
+        def progress(indexed: int, read: int) -> None:
+            of = f"/{human_size(size)}" if size is not None else ""
+            bars.update("layer", f"zTOC of {name}", indexed, size,
+                        f"{human_size(indexed)}{of} indexed, {human_size(read)} read")
+
+        def build(_: None) -> BuildResult:
+            source: BinaryIO
+            # Unbuffered stdin: a read returns what the pipe has (no lock held while it
+            # waits), so an interrupted build leaves nothing blocked on it.
+            with (open(sys.stdin.fileno(), "rb", buffering=0, closefd=False) if layer == "-"
+                  else open(layer, "rb")) as source:
+                return build_ztoc(source, span_size=span_size, cancel=cancel,
+                                  progress=progress if bars.enabled else None)
+
+        # On a worker thread, so Ctrl-C is noticed at once and stops the build promptly.
+        [result] = run_workers(build, [None], workers=1, cancel=cancel)
     data = encode(result.ztoc)
     with atomic_writer(output) as f:
         f.write(data)
     z = result.ztoc
-    click.echo(sha256_digest(data))
+    digest = sha256_digest(data)
+    if as_json:
+        emit_json({"digest": digest, "output": output, "size": len(data),
+                   "layer_digest": result.layer_digest, "compression": z.compression.label,
+                   "compressed_size": z.compressed_size,
+                   "uncompressed_size": z.uncompressed_size, "entries": len(z.entries),
+                   "spans": z.span_count, "span_size": span_size})
+        return
+    click.echo(digest)
     if not quiet:
         click.echo(f"  written to     {output} ({human_size(len(data))})")
         click.echo(f"  layer          {result.layer_digest}")

@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from soci.artifacts import LocalStore
 from soci.errors import NotFoundError
 from soci.image.destinations import ImageDestination
-from soci.image.resolve import resolve_image
+from soci.image.resolve import PlatformImage, resolve_image
 from soci.image.sources import ImageSource
 from soci.index.create import (
     CreatedIndex,
     CreateOptions,
     EmptyIndexError,
     LayerOutcome,
+    LayerProgress,
     create_index,
 )
 from soci.index.model import ztoc_layer
@@ -41,10 +42,15 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
                   opts: CreateOptions, *, platforms: list[Platform] | None = None,
                   all_platforms: bool = False,
                   on_layer: Callable[[LayerOutcome], None] | None = None,
-                  progress: Callable[[int], None] | None = None) -> Converted:
+                  progress: Callable[[LayerProgress], None] | None = None,
+                  on_image: Callable[[PlatformImage], None] | None = None) -> Converted:
+    """Index each platform's layers (``on_image`` is told of each platform first, then
+    ``progress``/``on_layer`` as in :func:`create_index`), then write the converted image."""
     resolved = resolve_image(source, platforms, all_platforms)
     created = []
     for image in resolved.images:
+        if on_image is not None:
+            on_image(image)
         try:
             created.append(create_index(source, image, store, opts, version=2,
                                         refs=[str(source.name)], on_layer=on_layer,

@@ -8,9 +8,7 @@ corrupt layer never yields a zTOC.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -18,6 +16,7 @@ from typing import BinaryIO
 from soci import BUILD_TOOL_IDENTIFIER
 from soci.artifacts import IndexRecord, LocalStore, ZtocRecord
 from soci.artifacts.db import now
+from soci.cancel import CancelToken, run_workers
 from soci.errors import DigestMismatchError, LayerFormatError, SociError
 from soci.image.resolve import PlatformImage
 from soci.image.sources import ImageSource
@@ -61,28 +60,14 @@ class CreatedIndex:
     layers: list[LayerOutcome] = field(default_factory=list)
 
 
-class Progress:
-    """Counts compressed bytes consumed across layers built in parallel."""
+@dataclass(frozen=True, slots=True)
+class LayerProgress:
+    """How far one layer's zTOC build is: compressed bytes read from the source (which runs
+    ahead) and indexed (inflated, checkpointed, tar headers scanned), of ``layer.size``."""
 
-    def __init__(self, callback: Callable[[int], None] | None) -> None:
-        self._callback = callback
-        self._lock = threading.Lock()
-        self._done = 0
-
-    def layer(self) -> Callable[[int], None] | None:
-        if self._callback is None:
-            return None
-        last = 0
-
-        def update(consumed: int) -> None:
-            nonlocal last
-            with self._lock:
-                self._done += consumed - last
-                last = consumed
-                assert self._callback is not None
-                self._callback(self._done)
-
-        return update
+    layer: Descriptor
+    read: int
+    indexed: int
 
 
 def _skip_reason(layer: Descriptor, opts: CreateOptions) -> str | None:
@@ -115,7 +100,10 @@ def _ztoc_descriptor(layer: Descriptor, digest: str, size: int,
 
 
 def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts: CreateOptions,
-                progress: Callable[[int], None] | None = None) -> LayerOutcome:
+                progress: Callable[[LayerProgress], None] | None = None,
+                cancel: CancelToken | None = None) -> LayerOutcome:
+    """One layer's zTOC: skipped, reused from the store, or built and stored. A cancelled
+    build raises ``Cancelled`` and stores nothing."""
     reason = _skip_reason(layer, opts)
     if reason is not None:
         return LayerOutcome(layer, "skipped", reason=reason)
@@ -127,13 +115,18 @@ def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts:
         desc = _ztoc_descriptor(layer, existing.digest, existing.size, stored, opts)
         return LayerOutcome(layer, "exists", desc)
 
+    def report(indexed: int, read: int) -> None:
+        if progress is not None:
+            progress(LayerProgress(layer, read, indexed))
+
+    report(0, 0)
     stream: BinaryIO
     # The builder hashes every byte; its digest is checked against the layer's below,
     # before anything is stored, so the stream need not hash them a second time.
     with closing(source.open_blob(layer, verify=False)) as stream:
         try:
             result = build_ztoc(stream, span_size=opts.span_size, build_tool=opts.build_tool,
-                                progress=progress)
+                                progress=report, cancel=cancel)
         except UnservableLayerError as e:
             # A zstd layer of one frame (or frames far above the span size): valid, but it
             # can only be pulled whole, so it is left out of the index like upstream's skips.
@@ -143,6 +136,8 @@ def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts:
             f"got {result.layer_size} bytes hashing to {result.layer_digest}, not the "
             f"{layer.size} bytes the manifest gives"
         )
+    if cancel is not None:
+        cancel.raise_if_cancelled()
     data = encode(result.ztoc)
     digest = store.content.write_blob(data)
     store.db.put_ztoc(ZtocRecord(digest, len(data), layer.digest, layer.media_type,
@@ -154,23 +149,30 @@ def build_layer(source: ImageSource, layer: Descriptor, store: LocalStore, opts:
 def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
                  opts: CreateOptions, *, version: int = 1, refs: list[str] | None = None,
                  on_layer: Callable[[LayerOutcome], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> CreatedIndex:
-    """Build (or reuse) every layer's zTOC, then write the SOCI index and its mapping."""
-    counter = Progress(progress)
+                 progress: Callable[[LayerProgress], None] | None = None,
+                 cancel: CancelToken | None = None) -> CreatedIndex:
+    """Build (or reuse) every layer's zTOC, then write the SOCI index and its mapping.
+
+    Layers are built ``opts.parallel`` at a time on daemon threads; ``progress`` and
+    ``on_layer`` are called from them. ``KeyboardInterrupt`` in the calling thread (or
+    ``cancel`` from anywhere) stops every build within a chunk; zTOCs already complete
+    stay stored (they are valid, and reused by the next run), no index is written.
+    """
+    token = cancel if cancel is not None else CancelToken()
 
     image_name = f"{refs[0] if refs else image.desc.digest} ({image.platform})"
 
     def one(layer: Descriptor) -> LayerOutcome:
         try:
-            outcome = build_layer(source, layer, store, opts, counter.layer())
+            outcome = build_layer(source, layer, store, opts, progress, token)
         except (LayerFormatError, DigestMismatchError) as e:  # name the layer and the image
             raise e.within(f"layer {layer.digest} of {image_name}") from None
         if on_layer is not None:
             on_layer(outcome)
         return outcome
 
-    with ThreadPoolExecutor(max_workers=max(1, opts.parallel)) as pool:
-        outcomes = list(pool.map(one, image.manifest.layers))
+    outcomes = run_workers(one, image.manifest.layers, workers=opts.parallel, cancel=token)
+    token.raise_if_cancelled()
     blobs = [o.ztoc for o in outcomes if o.ztoc is not None]
     if not blobs:
         raise EmptyIndexError(

@@ -10,10 +10,11 @@ pushed, so a push that dies half way is simply run again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import BinaryIO
 
 from soci.artifacts import LocalStore
+from soci.cancel import CancelToken, run_workers
 from soci.errors import SociError
 from soci.index.model import SociIndex
 from soci.oci import mediatypes as mt
@@ -21,9 +22,42 @@ from soci.oci.descriptor import Descriptor
 from soci.registry import Reference, RegistryClient
 
 
+class _Sending:
+    """A blob file handed to the uploader: counts what it reads (for progress) and stops a
+    cancelled upload at its next read (the uploader then drops its upload session)."""
+
+    def __init__(self, f: BinaryIO, on_read: Callable[[int], None] | None,
+                 cancel: CancelToken) -> None:
+        self.f, self.on_read, self.cancel, self.sent = f, on_read, cancel, 0
+
+    def read(self, n: int = -1) -> bytes:
+        self.cancel.raise_if_cancelled()
+        data = self.f.read(n)
+        self.sent += len(data)
+        if self.on_read is not None:
+            self.on_read(self.sent)
+        return data
+
+    def seekable(self) -> bool:
+        return self.f.seekable()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.sent = offset  # retries restart from the beginning
+        return self.f.seek(offset, whence)
+
+
 def push_index(client: RegistryClient, ref: Reference, store: LocalStore, index_digest: str,
                *, max_concurrent_uploads: int = 3,
-               report: Callable[[str], None] | None = None) -> Descriptor:
+               report: Callable[[str], None] | None = None,
+               progress: Callable[[Descriptor, int], None] | None = None,
+               cancel: CancelToken | None = None) -> Descriptor:
+    """Push the v1 index ``index_digest`` and its blobs; ``progress(blob, bytes_sent)`` as
+    each blob goes. ``KeyboardInterrupt`` (or ``cancel``) stops the uploads at their next
+    read and cancels their upload sessions; nothing is registered then."""
+    token = cancel if cancel is not None else CancelToken()
     data = store.content.read_blob(index_digest)
     index = SociIndex.parse(data)
     if index.version != 1 or index.subject is None:
@@ -36,13 +70,16 @@ def push_index(client: RegistryClient, ref: Reference, store: LocalStore, index_
             if report:
                 report(f"{desc.digest}: already in {ref.registry}/{ref.repository}")
             return
-        client.push_blob(ref, desc.digest, store.content.read_blob(desc.digest), desc.size)
+        if progress is not None:
+            progress(desc, 0)
+        on_read = None if progress is None else (lambda n: progress(desc, n))
+        with store.content.blob_path(desc.digest).open("rb") as f:
+            client.push_blob(ref, desc.digest, _Sending(f, on_read, token),  # type: ignore[arg-type]
+                             desc.size)
         if report:
             report(f"{desc.digest}: pushed ({desc.size} bytes)")
 
-    with ThreadPoolExecutor(max_workers=max(1, max_concurrent_uploads)) as pool:
-        for future in [pool.submit(upload, b) for b in blobs]:
-            future.result()
+    run_workers(upload, blobs, workers=max_concurrent_uploads, cancel=token)
     desc = index.descriptor(data)
     client.put_manifest(replace(ref, tag=None, digest=index_digest), data, mt.OCI_MANIFEST)
     referrer = Descriptor(mt.OCI_MANIFEST, desc.digest, desc.size, index.annotations or None,

@@ -79,6 +79,19 @@ def _upload(
     if resp.status != 202:
         raise session.error(resp, target, what)
     location = session.location(resp, target, what)
+    try:
+        _send(session, target, digest, stream, size, location, what)
+    except (RegistryError, DigestMismatchError):
+        raise
+    except BaseException:
+        # Interrupted (Ctrl-C, a cancelled push) or the data source failed half way: drop
+        # the upload session rather than leave it to expire on the registry.
+        _cancel_upload(session, target, location)
+        raise
+
+
+def _send(session: Session, target: Target, digest: str, stream: BinaryIO, size: int | None,
+          location: str, what: str) -> None:
     hasher = hashlib.new(digest.split(":", 1)[0])
     first = stream.read(session.chunk_size)
     hasher.update(first)

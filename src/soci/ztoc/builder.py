@@ -27,6 +27,7 @@ from soci import BUILD_TOOL_IDENTIFIER
 from soci._native.tarscan import TarScanner
 from soci._native.zran import GzipIndexer
 from soci._native.zstdframes import ZstdIndexer
+from soci.cancel import CancelToken
 from soci.errors import LayerFormatError, ZtocFormatError
 from soci.ztoc.model import DEFAULT_SPAN_SIZE, ZTOC_VERSION, Compression, Ztoc
 from soci.ztoc.tarmeta import TocDecoder
@@ -41,6 +42,7 @@ from soci.ztoc.zinfo import (
 
 CHUNK_SIZE = 1 << 20
 _QUEUE_DEPTH = 16
+_STOP_WAIT = 0.5  # seconds a stopping build waits for its reader thread
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -101,7 +103,10 @@ class _Reader(threading.Thread):
     """Reads the source ahead of the inflater, so network or disk waits overlap inflation.
 
     The read errors of the source (a digest mismatch at its end, a dropped registry
-    connection) are handed over in order and raised by the building thread.
+    connection) are handed over in order and raised by the building thread. It is a
+    daemon and never blocks on its queue for long, so a build that stops early (an
+    error, a cancel) does not wait for a slow source: the thread ends after its current
+    read.
     """
 
     def __init__(self, source: BinaryIO) -> None:
@@ -109,28 +114,57 @@ class _Reader(threading.Thread):
         self.source = source
         self.chunks: queue.Queue[bytes | BaseException] = queue.Queue(_QUEUE_DEPTH // 2)
         self.stopped = threading.Event()
+        self.read_bytes = 0  # what the source has delivered so far (for progress)
 
     def run(self) -> None:
         try:
             while not self.stopped.is_set():
-                chunk = self.source.read(CHUNK_SIZE)
-                self.chunks.put(chunk)
+                chunk = self._read()
+                self._put(chunk)
                 if not chunk:
                     return
         except BaseException as e:  # handed to the building thread
-            self.chunks.put(e)
+            self._put(e)
 
-    def next(self) -> bytes:
-        item = self.chunks.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    def _read(self) -> bytes:
+        """Up to CHUNK_SIZE bytes, looping over short reads (pipes, sockets) but looking at
+        ``stopped`` between them."""
+        parts: list[bytes] = []
+        size = CHUNK_SIZE
+        while size > 0 and not self.stopped.is_set():
+            piece = self.source.read(size)
+            if not piece:
+                break
+            parts.append(piece)
+            size -= len(piece)
+            self.read_bytes += len(piece)
+        return b"".join(parts)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self.stopped.is_set():
+            with contextlib.suppress(queue.Full):
+                self.chunks.put(item, timeout=0.1)
+                return
+
+    def next(self, cancel: CancelToken | None) -> bytes:
+        while True:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            try:
+                item = self.chunks.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
 
     def stop(self) -> None:
+        """Stop reading; wait a little for the thread (it may be inside a slow read)."""
         self.stopped.set()
-        while self.is_alive():
-            with contextlib.suppress(queue.Empty):
-                self.chunks.get(timeout=0.1)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.chunks.get_nowait()
+        self.join(_STOP_WAIT)
 
 
 class _Hasher(threading.Thread):
@@ -252,7 +286,8 @@ class _ZstdHasher(_Hasher):
 
 
 def _build_zstd(first: bytes, reader: _Reader, span_size: int, build_tool: str,
-                progress: Callable[[int], None] | None) -> BuildResult:
+                progress: Callable[[int, int], None] | None,
+                cancel: CancelToken | None) -> BuildResult:
     """The zstd pass: frames decoded natively, spans hashed and headers decoded behind it."""
     scanner = TarScanner()
     indexer = ZstdIndexer(span_size, scanner)
@@ -266,6 +301,8 @@ def _build_zstd(first: bytes, reader: _Reader, span_size: int, build_tool: str,
         while chunk:
             if hasher.error is not None:
                 break
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             found = indexer.feed(chunk)
             points += found
             if indexer.open_span > limit:
@@ -281,8 +318,8 @@ def _build_zstd(first: bytes, reader: _Reader, span_size: int, build_tool: str,
             hasher.items.put((chunk, [at for at, _ in found], new_end, indexer.resolved,
                               scanner.take_records()))
             if progress is not None:
-                progress(indexer.total_in)
-            chunk = reader.next()
+                progress(indexer.total_in, len(first) + reader.read_bytes)
+            chunk = reader.next(cancel)
         if hasher.error is None:
             indexer.finish()
             archive_size = scanner.finish()
@@ -319,11 +356,15 @@ def build_ztoc(
     *,
     span_size: int = DEFAULT_SPAN_SIZE,
     build_tool: str = BUILD_TOOL_IDENTIFIER,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: CancelToken | None = None,
 ) -> BuildResult:
     """Build the zTOC of a gzip, zstd or plain tar layer read from ``source``.
 
-    ``progress`` is called with the number of compressed bytes consumed so far.
+    ``progress(indexed, read)`` is called after each chunk with the compressed bytes
+    indexed so far and those read from the source (which runs ahead). When ``cancel`` is
+    cancelled (from any thread) the build raises ``Cancelled`` within one chunk, or within
+    256 KiB of inflated output while inside the native inflater.
     Raises ``LayerFormatError`` for anything that is not a complete, valid layer, and its
     subclass ``UnservableLayerError`` for a valid zstd layer whose frames are too large to
     serve span by span.
@@ -336,9 +377,11 @@ def build_ztoc(
     if compression is Compression.ZSTD:
         reader = _Reader(source)
         reader.start()
-        return _build_zstd(first, reader, span_size, build_tool, progress)
+        return _build_zstd(first, reader, span_size, build_tool, progress, cancel)
     scanner = TarScanner()
     indexer = GzipIndexer(span_size, scanner) if compression is Compression.GZIP else None
+    unregister = (cancel.on_cancel(indexer.cancel) if cancel is not None and indexer is not None
+                  else None)
     hasher = _Hasher()
     hasher.start()
     reader = _Reader(source)
@@ -349,6 +392,8 @@ def build_ztoc(
         while chunk:
             if hasher.error is not None:
                 break
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             if indexer is not None:
                 boundaries = indexer.feed(chunk)
             else:
@@ -360,13 +405,15 @@ def build_ztoc(
             hasher.items.put((chunk, boundaries, scanner.take_records()))
             total += len(chunk)
             if progress is not None:
-                progress(total)
-            chunk = reader.next()
+                progress(total, len(first) + reader.read_bytes)
+            chunk = reader.next(cancel)
         if hasher.error is None:
             if indexer is not None:
                 indexer.finish()
             archive_size = scanner.finish()
     finally:
+        if unregister is not None:
+            unregister()
         reader.stop()
         hasher.items.put(None)
         hasher.join()
