@@ -118,7 +118,8 @@ def test_convert_shows_progress_and_quiet_or_a_pipe_shows_none(
     code, out, err = run_on_tty(["--plain-http", "--root", root, "create", "--force", image],
                                 stderr_tty=False)
     assert code == 0, err
-    assert err == "", err
+    # Notes may go to a piped stderr (an earlier index kept); bars never do.
+    assert "indexed" not in err and "\x1b" not in err and "\r" not in err, err
 
 
 def test_ztoc_build_progress_never_reaches_json_stdout(tmp_path: Path) -> None:
