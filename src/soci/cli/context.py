@@ -166,6 +166,14 @@ class SociGroup(click.Group):
         add_global_options(cmd)
         super().add_command(cmd, name)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # Every command, not only the long ones, ends Ctrl-C as a shell expects: status 130.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("soci: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+
 
 def one_line_errors(func: F) -> F:
     """Turn expected failures into ``Error: ...`` and exit status 1 (no traceback)."""
