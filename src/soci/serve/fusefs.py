@@ -381,7 +381,9 @@ class LayerFS(pyfuse3.Operations):
         if off >= node.size:
             return b""
         size = min(size, node.size - off)
-        data = layer.spans.read_cached(node.offset + off, size)
+        # Memory and disk-cache hits are answered here, on the FUSE loop (one pread at
+        # most); anything that must be fetched or inflated goes to a worker thread.
+        data = layer.spans.read_cached(node.offset + off, size, node.offset + node.size)
         if data is not None:
             return data
         try:
