@@ -31,6 +31,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def fuse_counts(daemon: StoreDaemon) -> dict[str, float]:
+    """FUSE operations served and spans inflated so far, from the daemon's metrics."""
+    text = urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics").read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("soci_fuse_operations_total{"):
+            op = line.split('op="')[1].split('"')[0]
+            out[op] = out.get(op, 0) + float(line.split()[-1])
+        elif line.startswith("soci_span_inflates_total{"):
+            out["inflates"] = out.get("inflates", 0) + float(line.split()[-1])
+    return out
 
 
 def sha256_of(path: Path) -> str:
@@ -142,6 +156,7 @@ def main() -> None:
                                     ("r1", "r1_soci", "r1_base", "r2", "r2_soci", "r2_base",
                                      "r3", "r3_soci", "r3_base", "r4", "r4_soci", "r4_base",
                                      "r4_requests")}
+    profile: dict[str, list[dict[str, float]]] = {}
 
     with tempfile.TemporaryDirectory(dir=HERE / ".data") as scratch_dir, Registry() as reg:
         scratch = Path(scratch_dir)
@@ -166,7 +181,7 @@ def main() -> None:
         for run in range(args.runs):
             swap = run % 2 == 1
             if {"1", "2", "3"} & set(args.rows):
-                big_run(rows, root, scratch, ref, digest, run, swap, args.config, names,
+                big_run(rows, profile, root, scratch, ref, digest, run, swap, args.config, names,
                         local_paths, expected, layer, tar_mb)
             if "4" in args.rows:
                 small_run(rows, members, zinfo, root, scratch, reg, digest, run, swap,
@@ -188,6 +203,10 @@ def main() -> None:
               f"{spread(rows['r2_base'], mbs)} MB/s | {spread(rows['r2'])}x |")
         print(f"| page cache warm | {spread(rows['r3_soci'], mbs)} MB/s | local page cache: "
               f"{spread(rows['r3_base'], mbs)} MB/s | {spread(rows['r3'])}x |")
+    for row, counts in sorted(profile.items()):
+        last = counts[-1]
+        print(f"row {row}, daemon side (last run): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(last.items()) if v))
     if rows["r4"]:
         ms = "{:.1f}"
         print(f"| cold 2-16 KB file, one span each ({statistics.median(rows['r4_requests']):.0f}"
@@ -196,8 +215,9 @@ def main() -> None:
               f"{spread(rows['r4'])}x |")
 
 
-def big_run(rows: dict[str, list[float]], root: Path, scratch: Path, ref: str, digest: str,
-            run: int, swap: bool, config: str, names: list[str], local_paths: list[Path],
+def big_run(rows: dict[str, list[float]], profile: dict[str, list[dict[str, float]]],
+            root: Path, scratch: Path, ref: str, digest: str, run: int, swap: bool,
+            config: str, names: list[str], local_paths: list[Path],
             expected: dict[str, str], layer: Path, tar_mb: float) -> None:
     """Rows 1-3 for one run, through one fresh daemon."""
     run_root = fresh_root(root, scratch / f"run{run}")
@@ -207,8 +227,19 @@ def big_run(rows: dict[str, list[float]], root: Path, scratch: Path, ref: str, d
         os.listdir(diff)  # resolve the image first (manifest, config, zTOC)
         fuse_paths = [diff / n for n in names]
         mb = sum(p.stat().st_size for p in local_paths) / 1e6
+
+        def counted(row: str, fn: Callable[[], float]) -> Callable[[], float]:
+            def run() -> float:
+                before = fuse_counts(daemon)
+                t = fn()
+                after = fuse_counts(daemon)
+                profile.setdefault(row, []).append(
+                    {k: after.get(k, 0) - before.get(k, 0) for k in after})
+                return t
+            return run
+
         read_all([layer])  # the baseline inflates from the page cache
-        t_soci, t_base = both(lambda: timed(lambda: read_all(fuse_paths)),
+        t_soci, t_base = both(counted("1", lambda: timed(lambda: read_all(fuse_paths))),
                               lambda: timed(lambda: isal_inflate(layer)), swap)
         rows["r1_soci"].append(mb / t_soci)
         rows["r1_base"].append(tar_mb / t_base)
@@ -218,14 +249,14 @@ def big_run(rows: dict[str, list[float]], root: Path, scratch: Path, ref: str, d
             drop_caches()
             return timed(lambda: read_all(paths))
 
-        t_soci, t_base = both(lambda: cold(fuse_paths), lambda: cold(local_paths),
-                              swap)
+        t_soci, t_base = both(counted("2", lambda: cold(fuse_paths)),
+                              lambda: cold(local_paths), swap)
         rows["r2_soci"].append(mb / t_soci)
         rows["r2_base"].append(mb / t_base)
         rows["r2"].append(t_base / t_soci)
         read_all(fuse_paths)
         read_all(local_paths)
-        t_soci, t_base = both(lambda: timed(lambda: read_all(fuse_paths)),
+        t_soci, t_base = both(counted("3", lambda: timed(lambda: read_all(fuse_paths))),
                               lambda: timed(lambda: read_all(local_paths)), swap)
         rows["r3_soci"].append(mb / t_soci)
         rows["r3_base"].append(mb / t_base)

@@ -62,6 +62,10 @@ class Workers:
         except queue.Full:
             return False
 
+    def wait_idle(self) -> None:
+        """Return once every job queued so far (and any they queued) has run."""
+        self._queue.join()
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
@@ -69,6 +73,8 @@ class Workers:
                 job()
             except Exception:
                 log.exception("span worker: job failed")
+            finally:
+                self._queue.task_done()
 
 
 _workers: Workers | None = None
@@ -292,9 +298,10 @@ class SpanManager:
         lo, hi = self._uncompressed_range(span)
         full = hi - lo
         try:
-            if need < full // 2 and not isinstance(self.zinfo, TarZinfo):
-                # A small first read (a small file): inflate only what it needs now, the
-                # rest of the span on a worker (readers of the rest wait for that).
+            if ahead == span and need < full // 2 and not isinstance(self.zinfo, TarZinfo):
+                # A small first read (a small file ending in this span): inflate only what
+                # it needs now, the rest of the span on a worker (readers of the rest wait
+                # for that, so the span is inflated twice at most, once whole).
                 length = min(full, -(-need // self.PREFIX_STEP) * self.PREFIX_STEP)
                 prefix = bytes(self._inflate(span, comp, 0, length))
                 self.memory.put((self.owner, span, 0), prefix)
