@@ -216,12 +216,14 @@ class DiskCache:
         return True
 
     def read_inflated(self, name: str, length: int, offset: int, size: int,
-                      advise: bool = True) -> bytes | None:
+                      nowait: bool = False) -> bytes | bytearray | None:
         """Bytes [offset, offset+size) of an inflated span ``length`` bytes long, or None.
 
         Reads only that range (one pread). The file's length is checked every time, its
         checksum the first time this process uses it; the first read of a file asks the
-        kernel to read the rest of it ahead (``advise``).
+        kernel to read the rest of it ahead. ``nowait``: answer only from the page cache
+        (RWF_NOWAIT), never wait for the disk nor check a checksum: None otherwise, for
+        the caller to ask again where it may block.
         """
         with self._lock:
             known = name in self._index
@@ -231,6 +233,10 @@ class DiskCache:
         if not known:
             self.misses += 1
             return None
+        if nowait:
+            if not trusted:
+                return None
+            return self._read_nowait(name, length, offset, size)
         try:
             fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -254,7 +260,7 @@ class DiskCache:
                 with self._lock:
                     if name in self._index:
                         self._trusted.add(name)
-            elif advise:
+            else:
                 self.advise(name, fd)
             data = os.pread(fd, size, self.HEADER + offset)
         finally:
@@ -264,6 +270,30 @@ class DiskCache:
             return None
         self.inflated_hits += 1
         return data
+
+    def _read_nowait(self, name: str, length: int, offset: int, size: int
+                     ) -> bytearray | None:
+        try:
+            fd = os.open(self.directory / name, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(name)
+            return None
+        try:
+            if os.fstat(fd).st_size != self.HEADER + length:
+                self._reject(name, "wrong length")
+                return None
+            self.advise(name, fd)
+            out = bytearray(size)
+            try:
+                got = os.preadv(fd, [out], self.HEADER + offset, os.RWF_NOWAIT)
+            except (BlockingIOError, OSError):
+                return None  # not in the page cache (or no RWF_NOWAIT here): ask again
+        finally:
+            os.close(fd)
+        if got != size:
+            return None
+        self.inflated_hits += 1
+        return out
 
     def advise(self, name: str, fd: int | None = None) -> None:
         """Ask the kernel to read an inflated span file ahead, once per file (cheap)."""

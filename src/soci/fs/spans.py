@@ -186,9 +186,11 @@ class SpanManager:
         self._read_ahead(last, ahead)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def read_cached(self, offset: int, size: int, ahead_to: int = 0) -> bytes | None:
-        """The same bytes when memory or the disk cache holds them, else None: never
-        fetches or inflates, never waits for another reader (a disk hit is one pread)."""
+    def read_cached(self, offset: int, size: int, ahead_to: int = 0
+                    ) -> bytes | bytearray | None:
+        """The same bytes when memory, or the disk cache with its file in the page cache,
+        holds them, else None: never fetches, inflates, waits for the disk or for another
+        reader (a disk hit is one non-blocking pread)."""
         end = min(offset + size, self.ztoc.uncompressed_size)
         if end <= offset:
             return b""
@@ -203,10 +205,10 @@ class SpanManager:
                 return None
         data = self.memory.get((self.owner, first, base))
         if data is not None and len(data) >= end - lo - base:
-            got: bytes | None = data[offset - lo - base : end - lo - base]
+            got: bytes | bytearray | None = data[offset - lo - base : end - lo - base]
         elif base == 0 and hi - lo <= self.WHOLE_SPAN_MAX and self.disk is not None:
             got = self.disk.read_inflated(self._disk_name(first), hi - lo, offset - lo,
-                                          end - offset)
+                                          end - offset, nowait=True)
         else:
             got = None
         if got is None:
