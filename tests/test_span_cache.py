@@ -208,7 +208,7 @@ def test_concurrent_readers_of_a_span_load_it_once(layer, tmp_path: Path) -> Non
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    while not spans._loading:  # noqa: SLF001 - one reader is loading: let the fetch go
+    while not spans._loading:  # one reader is loading: let its fetch go
         gate.wait(0.01)
     gate.set()
     for t in threads:
@@ -218,4 +218,4 @@ def test_concurrent_readers_of_a_span_load_it_once(layer, tmp_path: Path) -> Non
                                      for i in range(8))
     assert len(registry.ranges) == 1
     assert spans.inflates <= 2  # the prefix a first reader needed, then the whole span
-    assert os.listdir(tmp_path / "cache") == [spans._disk_name(span)]  # noqa: SLF001
+    assert os.listdir(tmp_path / "cache") == [spans._disk_name(span)]

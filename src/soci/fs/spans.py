@@ -44,10 +44,11 @@ RangeFetcher = Callable[[int, int], bytes]
 class Workers:
     """A few daemon threads running span jobs (read-ahead, finishing inflates, disk
     writes) off the readers' threads; daemon threads, so a stalled registry request never
-    holds up the daemon's exit. The queue is bounded: a full queue drops read-ahead (it is
-    only a hint) and runs what must happen on the caller's thread instead."""
+    holds up the daemon's exit. The queue is bounded (each job holds at most one span's
+    compressed bytes): a full queue drops read-ahead (it is only a hint) and runs what must
+    happen on the caller's thread instead."""
 
-    def __init__(self, threads: int, depth: int = 64) -> None:
+    def __init__(self, threads: int, depth: int = 32) -> None:
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue(depth)
         self._threads = [threading.Thread(target=self._run, name=f"soci-span-{i}", daemon=True)
                          for i in range(threads)]
@@ -184,6 +185,7 @@ class SpanManager:
             else:
                 pieces.append(self._span_bytes(span, want_lo, want_hi, ahead))
         self._read_ahead(last, ahead)
+        self._advise(last, ahead)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def read_cached(self, offset: int, size: int, ahead_to: int = 0
@@ -215,8 +217,19 @@ class SpanManager:
             return None
         self.last_access = time.monotonic()
         if first != self._last_span:
-            self._read_ahead(last, self._ahead(first, last, ahead_to))
+            ahead = self._ahead(first, last, ahead_to)
+            self._read_ahead(last, ahead)
+            self._advise(last, ahead)
         return got
+
+    def _advise(self, last: int, ahead: int) -> None:
+        """Have the kernel read the next (at most two) cached span files of the read ahead
+        from disk, so a reader crossing into them does not wait for the disk."""
+        if self.disk is None:
+            return
+        for span in range(last + 1, min(ahead, last + 2) + 1):
+            if not self._huge(span):
+                self.disk.advise(self._disk_name(span))
 
     def _ahead(self, first: int, last: int, ahead_to: int) -> int:
         """The last span worth loading with (or ahead of) a read of spans first..last: the
