@@ -219,3 +219,20 @@ def test_concurrent_readers_of_a_span_load_it_once(layer, tmp_path: Path) -> Non
     assert len(registry.ranges) == 1
     assert spans.inflates <= 2  # the prefix a first reader needed, then the whole span
     assert os.listdir(tmp_path / "cache") == [spans._disk_name(span)]
+
+
+def test_the_daemon_sets_the_mounts_read_ahead(tmp_path: Path) -> None:
+    """[fuse] read_ahead_kb: the kernel reads ahead that much on the mount (the FUSE
+    handshake alone leaves 128 KiB), so a cold sequential read comes in large requests."""
+    import time
+
+    from storeenv import StoreDaemon
+
+    with StoreDaemon(tmp_path / "root", tmp_path / "mnt",
+                     extra_config="[fuse]\nread_ahead_kb = 2048\n") as daemon:
+        st = os.stat(daemon.mountpoint)
+        knob = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+        deadline = time.monotonic() + 30
+        while knob.read_text().strip() != "2048":  # set once the mount answers
+            assert time.monotonic() < deadline, daemon.logs()[-2000:]
+            time.sleep(0.05)
