@@ -63,9 +63,17 @@ class Workers:
         except queue.Full:
             return False
 
-    def wait_idle(self) -> None:
-        """Return once every job queued so far (and any they queued) has run."""
-        self._queue.join()
+    @property
+    def pending(self) -> int:
+        """Jobs queued or running (disk-cache writes among them)."""
+        return self._queue.unfinished_tasks
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every job queued so far (and any they queued) has run; False if
+        ``timeout`` seconds passed first."""
+        done = self._queue.all_tasks_done
+        with done:
+            return done.wait_for(lambda: not self._queue.unfinished_tasks, timeout)
 
     def _run(self) -> None:
         while True:
@@ -80,6 +88,13 @@ class Workers:
 
 _workers: Workers | None = None
 _workers_lock = threading.Lock()
+
+
+def drain_workers(timeout: float) -> bool:
+    """At exit: let queued disk-cache writes finish (at most ``timeout`` seconds)."""
+    with _workers_lock:
+        workers = _workers
+    return workers is None or workers.wait_idle(timeout)
 
 
 def shared_workers() -> Workers:
@@ -122,6 +137,7 @@ class SpanManager:
         self._inflight: dict[int, threading.Event] = {}  # huge spans being fetched
         self._fresh: dict[int, bytes] = {}  # verified compressed huge spans not yet inflated
         self._loading: dict[int, threading.Event] = {}  # spans being loaded (single flight)
+        self._landing: set[int] = set()  # verified spans whose disk-cache write is pending
         self._background: set[int] = set()  # spans the background fetch already fetched once
         self._run_start = -1  # where the reader's current in-order run of spans began
         self._last_span = -2  # the last span of the latest read
@@ -149,12 +165,12 @@ class SpanManager:
 
     def _held(self, span: int) -> bool:
         """Whether the span is on disk (the disk cache says, nobody else): inflated, or
-        compressed for a huge span."""
+        compressed for a huge span; or verified and about to be written there."""
         if self.disk is None:
             return False
         if self._huge(span):
             return self.disk.has(self.ztoc.span_digests[span])
-        return self.disk.has(self._disk_name(span))
+        return span in self._landing or self.disk.has(self._disk_name(span))
 
     def _have(self, span: int) -> bool:
         """Whether reading the (not huge) span needs no load: whole in memory, or on disk."""
@@ -305,6 +321,7 @@ class SpanManager:
             for s in run:
                 self._done(s)
             raise
+        self._land(run)
         for s in run[1:]:
             comp = got.pop(s)
             if not self.workers.submit(lambda s=s, comp=comp: self._finish(s, comp, True)):
@@ -326,6 +343,7 @@ class SpanManager:
                 return prefix
             data = bytes(self._inflate(span, comp, 0, full))
         except BaseException:
+            self._landed(span)
             self._done(span)
             raise
         self.memory.put((self.owner, span, 0), data)
@@ -342,6 +360,7 @@ class SpanManager:
             data = bytes(self._inflate(span, comp, 0, hi - lo))
         except Exception as e:
             log.warning("layer %s: span %d: %s", self.key, span, e)
+            self._landed(span)
             self._done(span)
             return
         if keep:
@@ -350,8 +369,20 @@ class SpanManager:
         self._done(span)
 
     def _store(self, span: int, data: bytes) -> None:
+        try:
+            if self.disk is not None:
+                self.disk.put_inflated(self._disk_name(span), data)
+        finally:
+            self._landed(span)
+
+    def _land(self, spans: list[int]) -> None:
         if self.disk is not None:
-            self.disk.put_inflated(self._disk_name(span), data)
+            with self._lock:
+                self._landing.update(spans)
+
+    def _landed(self, span: int) -> None:
+        with self._lock:
+            self._landing.discard(span)
 
     def _read_ahead(self, last: int, ahead: int) -> None:
         """Load the spans after ``last`` up to ``ahead`` on a worker thread, in one request."""
@@ -376,6 +407,7 @@ class SpanManager:
                     self._done(s)
                 return
             self.read_ahead_spans += len(run)
+            self._land(run)
             for s in run[1:]:
                 comp = got.pop(s)
                 if not self.workers.submit(lambda s=s, comp=comp: self._finish(s, comp, True)):
@@ -541,6 +573,7 @@ class SpanManager:
             except BaseException:
                 self._done(span)
                 raise
+            self._land([span])
             self._finish(span, comp, keep=False)
         with self._lock:  # only once it worked: a failed fetch is tried again later
             self._background.add(span)

@@ -36,6 +36,7 @@ import pyfuse3
 import trio
 
 from soci.errors import SociError
+from soci.fs.spans import drain_workers
 from soci.fs.tree import ROOT as TREE_ROOT
 from soci.fs.tree import Node
 from soci.serve.layers import Layer, LayerManager
@@ -480,3 +481,9 @@ def serve_until_signal(fs: LayerFS, release_grace_sec: float,
                     return
 
     trio.run(main)
+    # Spans already verified and inflated are written to the disk cache after the reads
+    # that loaded them returned: let those writes land (bounded: a read-ahead stuck on the
+    # registry must not hold up the stop).
+    if not drain_workers(10.0):
+        log.warning("stopping with span jobs still running (their spans are fetched again "
+                    "next time)")
