@@ -203,7 +203,7 @@ def test_concurrent_readers_of_a_span_load_it_once(layer, tmp_path: Path) -> Non
     results: list[bytes] = []
 
     def reader(i: int) -> None:
-        results.append(spans.read(lo + i * 1000, 4000, lo + 4000))
+        results.append(bytes(spans.read(lo + i * 1000, 4000, lo + 4000)))
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
     for t in threads:

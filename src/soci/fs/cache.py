@@ -48,17 +48,18 @@ class MemoryCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[MemoryKey, bytes] = OrderedDict()
+        # Values are never changed once put (a bytearray straight from the inflater, too).
+        self._items: OrderedDict[MemoryKey, bytes | bytearray] = OrderedDict()
         self._size = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def peek(self, key: MemoryKey) -> bytes | None:
+    def peek(self, key: MemoryKey) -> bytes | bytearray | None:
         """The entry, if held, without counting a hit or refreshing it."""
         with self._lock:
             return self._items.get(key)
 
-    def get(self, key: MemoryKey) -> bytes | None:
+    def get(self, key: MemoryKey) -> bytes | bytearray | None:
         with self._lock:
             data = self._items.get(key)
             if data is None:
@@ -68,7 +69,7 @@ class MemoryCache:
             self.hits += 1
             return data
 
-    def put(self, key: MemoryKey, data: bytes) -> None:
+    def put(self, key: MemoryKey, data: bytes | bytearray) -> None:
         if len(data) > self.max_bytes:
             return
         with self._lock:
@@ -136,6 +137,7 @@ class DiskCache:
         self.hits = self.misses = self.rejected = 0
         self.inflated_hits = 0  # reads answered from inflated span files
         self._trusted: set[str] = set()  # inflated files written or checked by this process
+        self._writing: set[str] = set()  # inflated files being written
         self._advised: OrderedDict[str, None] = OrderedDict()
 
     def has(self, digest: str) -> bool:
@@ -203,16 +205,29 @@ class DiskCache:
         if size > self.max_bytes:
             return False
         with self._lock:
-            if name in self._index:
+            if name in self._index or name in self._writing:
                 return True
+            self._writing.add(name)
+        # Room is made before the file is written, so the directory never holds more
+        # than the bound, not even while a write is under way.
+        self._admit(f".reserved {name}", size)
         try:
             with atomic_writer(self.directory / name, PRIVATE_FILE, durable=False) as f:
                 f.write(hashlib.sha256(data).digest())
                 f.write(data)
         except OSError as e:
             log.warning("disk cache: cannot store span file %s: %s", name, e)
+            self._forget(f".reserved {name}")
             return False
-        self._admit(name, size, trusted=True)
+        finally:
+            with self._lock:
+                self._writing.discard(name)
+        with self._lock:  # the reservation becomes the entry, in its place in the LRU order
+            if self._index.pop(f".reserved {name}", None) is not None:
+                self._index[name] = size
+                self._trusted.add(name)
+                return True
+        self._admit(name, size, trusted=True)  # the reservation was evicted meanwhile
         return True
 
     def read_inflated(self, name: str, length: int, offset: int, size: int,

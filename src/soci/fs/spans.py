@@ -40,6 +40,9 @@ log = logging.getLogger("soci.spans")
 #: Fetches compressed bytes [start, end) of the layer blob.
 RangeFetcher = Callable[[int, int], bytes]
 
+#: What a read answers: bytes, or a view of a cached span (no copy; FUSE takes either).
+Data = bytes | bytearray | memoryview
+
 
 class Workers:
     """A few daemon threads running span jobs (read-ahead, finishing inflates, disk
@@ -180,7 +183,7 @@ class SpanManager:
 
     # -- reads -------------------------------------------------------------------------
 
-    def read(self, offset: int, size: int, ahead_to: int = 0) -> bytes:
+    def read(self, offset: int, size: int, ahead_to: int = 0) -> Data:
         """Uncompressed bytes [offset, offset+size) of the tar stream (short at its end).
 
         On a miss, the spans up to uncompressed offset ``ahead_to`` (the end of
@@ -192,7 +195,7 @@ class SpanManager:
             return b""
         first, last = self.zinfo.span_of(offset), self.zinfo.span_of(end - 1)
         ahead = self._ahead(first, last, ahead_to)
-        pieces = []
+        pieces: list[Data] = []
         for span in range(first, last + 1):
             lo, hi = self._uncompressed_range(span)
             want_lo, want_hi = max(offset, lo) - lo, min(end, hi) - lo
@@ -204,8 +207,7 @@ class SpanManager:
         self._advise(last, ahead)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def read_cached(self, offset: int, size: int, ahead_to: int = 0
-                    ) -> bytes | bytearray | None:
+    def read_cached(self, offset: int, size: int, ahead_to: int = 0) -> Data | None:
         """The same bytes when memory, or the disk cache with its file in the page cache,
         holds them, else None: never fetches, inflates, waits for the disk or for another
         reader (a disk hit is one non-blocking pread)."""
@@ -223,7 +225,7 @@ class SpanManager:
                 return None
         data = self.memory.get((self.owner, first, base))
         if data is not None and len(data) >= end - lo - base:
-            got: bytes | bytearray | None = data[offset - lo - base : end - lo - base]
+            got: Data | None = memoryview(data)[offset - lo - base : end - lo - base]
         elif base == 0 and hi - lo <= self.WHOLE_SPAN_MAX and self.disk is not None:
             got = self.disk.read_inflated(self._disk_name(first), hi - lo, offset - lo,
                                           end - offset, nowait=True)
@@ -263,14 +265,14 @@ class SpanManager:
             ahead = max(ahead, last + self.READ_AHEAD)
         return min(ahead, last + self.MAX_AHEAD, self.spans - 1)
 
-    def _span_bytes(self, span: int, want_lo: int, want_hi: int, ahead: int) -> bytes:
+    def _span_bytes(self, span: int, want_lo: int, want_hi: int, ahead: int) -> Data:
         """Bytes [want_lo, want_hi) of a (not huge) span: memory, disk, or one load."""
         key = (self.owner, span, 0)
         lo, hi = self._uncompressed_range(span)
         for _ in range(8):
             data = self.memory.get(key)
             if data is not None and len(data) >= want_hi:
-                return data[want_lo:want_hi]
+                return memoryview(data)[want_lo:want_hi]
             if self.disk is not None:
                 got = self.disk.read_inflated(self._disk_name(span), hi - lo, want_lo,
                                               want_hi - want_lo)
@@ -283,7 +285,7 @@ class SpanManager:
                 continue
             loaded = self._load(span, want_hi, ahead)
             if loaded is not None:
-                return loaded[want_lo:want_hi]
+                return memoryview(loaded)[want_lo:want_hi]
         # Loads keep vanishing (evicted as soon as made): inflate for this read alone.
         comp = self._fetch_verified(span, span)[span]
         return bytes(self._inflate(span, comp, 0, hi - lo))[want_lo:want_hi]
@@ -306,7 +308,7 @@ class SpanManager:
         if event is not None:
             event.set()
 
-    def _load(self, span: int, need: int, ahead: int) -> bytes | None:
+    def _load(self, span: int, need: int, ahead: int) -> bytes | bytearray | None:
         """Fetch span..ahead (what of it needs a load) with one request and inflate
         ``span`` here, at least its first ``need`` bytes; the other spans are inflated on
         worker threads. None when another reader got there first."""
@@ -335,13 +337,13 @@ class SpanManager:
                 # it needs now, the rest of the span on a worker (readers of the rest wait
                 # for that, so the span is inflated twice at most, once whole).
                 length = min(full, -(-need // self.PREFIX_STEP) * self.PREFIX_STEP)
-                prefix = bytes(self._inflate(span, comp, 0, length))
+                prefix = self._inflate(span, comp, 0, length)
                 self.memory.put((self.owner, span, 0), prefix)
                 if self.workers.submit(lambda: self._finish(span, comp, True)):
                     return prefix
                 self._finish(span, comp, True)
                 return prefix
-            data = bytes(self._inflate(span, comp, 0, full))
+            data = self._inflate(span, comp, 0, full)
         except BaseException:
             self._landed(span)
             self._done(span)
@@ -357,7 +359,7 @@ class SpanManager:
         its waiters go; on a worker thread."""
         try:
             lo, hi = self._uncompressed_range(span)
-            data = bytes(self._inflate(span, comp, 0, hi - lo))
+            data = self._inflate(span, comp, 0, hi - lo)
         except Exception as e:
             log.warning("layer %s: span %d: %s", self.key, span, e)
             self._landed(span)
@@ -368,7 +370,7 @@ class SpanManager:
         self._store(span, data)
         self._done(span)
 
-    def _store(self, span: int, data: bytes) -> None:
+    def _store(self, span: int, data: bytes | bytearray) -> None:
         try:
             if self.disk is not None:
                 self.disk.put_inflated(self._disk_name(span), data)
