@@ -9,7 +9,7 @@ readers want it (the others wait for that load), and the disk cache is written a
 reader has its bytes, on a worker thread.
 
 The spans after a read, to the end of the file it reads (and READ_AHEAD spans further for a
-reader that has gone through READ_AHEAD spans in order), are fetched with one request,
+reader that has gone through SCAN_SPANS spans in order), are fetched with one request,
 verified and inflated ahead of the reader on worker threads (the native inflate releases
 the GIL, so both cores work), at most MAX_AHEAD spans ahead.
 
@@ -112,8 +112,11 @@ def shared_workers() -> Workers:
 class SpanManager:
     #: At most this many spans are fetched ahead of a read, in one request.
     MAX_AHEAD = 8
-    #: A reader going through the layer in order has this many spans loaded ahead of it.
+    #: A reader going through the layer in order has this many spans loaded ahead of it ...
     READ_AHEAD = 4
+    #: ... past the end of the file it reads, once it has read this many spans in order
+    #: (a scan of the layer; a container reading a few files in a row is not one).
+    SCAN_SPANS = 16
     #: A first read inflates a span's prefix in steps of this many bytes.
     PREFIX_STEP = 256 << 10
     #: Spans longer than this (uncompressed) are never inflated or cached whole ...
@@ -252,12 +255,12 @@ class SpanManager:
     def _ahead(self, first: int, last: int, ahead_to: int) -> int:
         """The last span worth loading with (or ahead of) a read of spans first..last: the
         end of the file; and READ_AHEAD spans more, past the end of the file, for a reader
-        that has gone through at least READ_AHEAD spans in order (a scan of the layer, not
+        that has gone through at least SCAN_SPANS spans in order (a scan of the layer, not
         a container reading a few of its files)."""
         with self._lock:
             if first not in (self._last_span, self._last_span + 1):
                 self._run_start = first
-            in_order = last - self._run_start >= self.READ_AHEAD
+            in_order = last - self._run_start >= self.SCAN_SPANS
             self._last_span = last
         ahead = max(last, self.zinfo.span_of(max(min(ahead_to, self.ztoc.uncompressed_size) - 1,
                                                  0)))
