@@ -116,7 +116,7 @@ class SpanManager:
     READ_AHEAD = 4
     #: ... past the end of the file it reads, once it has read this many spans in order
     #: (a scan of the layer; a container reading a few files in a row is not one).
-    SCAN_SPANS = 16
+    SCAN_SPANS = 4
     #: A first read inflates a span's prefix in steps of this many bytes.
     PREFIX_STEP = 256 << 10
     #: Spans longer than this (uncompressed) are never inflated or cached whole ...
