@@ -76,7 +76,7 @@ KNOWN_KEYS: Table = {
              "max_wait_msec": True, "valid_interval": True, "check_always": True,
              "force_single_range_mode": True, "max_span_verification_retries": True},
     "fuse": {"attr_timeout": True, "entry_timeout": True, "negative_timeout": True,
-             "log_fuse_operations": True},
+             "log_fuse_operations": True, "read_ahead_kb": True},
     "cache": {"memory_mb": True, "disk_mb": True, "release_grace_sec": True},
     # upstream's, ignored here
     "directory_cache": None,

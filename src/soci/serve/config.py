@@ -21,10 +21,12 @@ keys where they exist, plus the cache bounds.
     [fuse]
     attr_timeout = 3600           # the layers are immutable: let the kernel cache
     entry_timeout = 3600
+    read_ahead_kb = 4096          # ours: the kernel's read-ahead on the mount (0: leave it)
 
     [cache]                       # ours
-    memory_mb = 512               # uncompressed spans, shared by all layers
-    disk_mb = 10240               # compressed spans under <root>/cache/spans
+    memory_mb = 512               # inflated spans, shared by all layers
+    disk_mb = 10240               # inflated spans (compressed for huge ones) under
+                                  # <root>/cache/spans, shared by all layers
     release_grace_sec = 60        # unmount a layer this long after podman's last use
 """
 
@@ -56,6 +58,7 @@ class ServeConfig:
     max_wait_msec: int = 300
     attr_timeout: float = 3600.0
     entry_timeout: float = 3600.0
+    read_ahead_kb: int = 4096
     memory_bytes: int = 512 << 20
     disk_bytes: int = 10 << 30
     release_grace_sec: float = 60.0
@@ -99,6 +102,9 @@ def load_serve_config(path: str | None = None) -> ServeConfig:
                              _get(doc, "http", "MaxWaitMsec", int, cfg.max_wait_msec))
     cfg.attr_timeout = _get(doc, "fuse", "attr_timeout", float, cfg.attr_timeout)
     cfg.entry_timeout = _get(doc, "fuse", "entry_timeout", float, cfg.entry_timeout)
+    cfg.read_ahead_kb = _get(doc, "fuse", "read_ahead_kb", int, cfg.read_ahead_kb)
+    if cfg.read_ahead_kb < 0:
+        raise SociError("config: [fuse] read_ahead_kb must not be negative")
     cfg.memory_bytes = _get(doc, "cache", "memory_mb", int, cfg.memory_bytes >> 20) << 20
     cfg.disk_bytes = _get(doc, "cache", "disk_mb", int, cfg.disk_bytes >> 20) << 20
     cfg.release_grace_sec = _get(doc, "cache", "release_grace_sec", float,

@@ -36,6 +36,7 @@ import pyfuse3
 import trio
 
 from soci.errors import SociError
+from soci.fs.spans import drain_workers
 from soci.fs.tree import ROOT as TREE_ROOT
 from soci.fs.tree import Node
 from soci.serve.layers import Layer, LayerManager
@@ -381,7 +382,9 @@ class LayerFS(pyfuse3.Operations):
         if off >= node.size:
             return b""
         size = min(size, node.size - off)
-        data = layer.spans.read_cached(node.offset + off, size)
+        # Memory and disk-cache hits are answered here, on the FUSE loop (one pread at
+        # most); anything that must be fetched or inflated goes to a worker thread.
+        data = layer.spans.read_cached(node.offset + off, size, node.offset + node.size)
         if data is not None:
             return data
         try:
@@ -428,13 +431,34 @@ class LayerFS(pyfuse3.Operations):
         pass  # inodes live as long as the daemon: the layers are immutable
 
 
+def set_read_ahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead ``kb`` KiB on the FUSE mount at ``mountpoint``.
+
+    The kernel caps a FUSE mount's read-ahead at what its INIT handshake offered (128 KiB)
+    and sends buffered reads as read-ahead requests; a larger window means fewer, larger
+    requests (up to 1 MiB each: libfuse asks for 256 pages) and several in flight, which
+    the daemon answers on both cores. Only root may change it (sysfs); failing is harmless.
+    Must not run on the FUSE loop's thread: the stat is answered by that loop.
+    """
+    try:
+        st = os.stat(mountpoint)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(f"{kb}\n")
+        log.debug("read-ahead of %s: %d KiB", mountpoint, kb)
+    except OSError as e:
+        log.info("cannot set the read-ahead of %s to %d KiB: %s", mountpoint, kb, e)
+
+
 def serve_until_signal(fs: LayerFS, release_grace_sec: float,
-                       on_ready: Callable[[], None]) -> None:
+                       on_ready: Callable[[], None], mountpoint: str | None = None,
+                       read_ahead_kb: int = 0) -> None:
     """Serve the mounted ``fs`` until SIGINT or SIGTERM, unmounting layers nobody has used
     for ``release_grace_sec`` on the way (pyfuse3.init must have been called).
 
     ``on_ready`` (log "serving", tell systemd) runs once the signals are ours: a SIGTERM sent
-    as soon as the daemon says it is ready must stop it cleanly, not kill it."""
+    as soon as the daemon says it is ready must stop it cleanly, not kill it. With a
+    ``mountpoint`` and ``read_ahead_kb``, the mount's read-ahead is set once it answers."""
 
     async def release_idle_layers() -> None:
         while True:
@@ -445,6 +469,10 @@ def serve_until_signal(fs: LayerFS, release_grace_sec: float,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pyfuse3.main)
             nursery.start_soon(release_idle_layers)
+            if mountpoint is not None and read_ahead_kb > 0:
+                nursery.start_soon(functools.partial(
+                    trio.to_thread.run_sync, set_read_ahead, mountpoint, read_ahead_kb,
+                    abandon_on_cancel=True))
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 on_ready()
                 async for signum in signals:
@@ -453,3 +481,9 @@ def serve_until_signal(fs: LayerFS, release_grace_sec: float,
                     return
 
     trio.run(main)
+    # Spans already verified and inflated are written to the disk cache after the reads
+    # that loaded them returned: let those writes land (bounded: a read-ahead stuck on the
+    # registry must not hold up the stop).
+    if not drain_workers(10.0):
+        log.warning("stopping with span jobs still running (their spans are fetched again "
+                    "next time)")

@@ -104,9 +104,25 @@ class Metrics:
                "Fetched spans that did not match their digest (refetched, then EIO).",
                [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.verify_failures)
                 for la in layers])
-        metric("soci_span_cache_hits_total", "counter", "Span cache hits.",
+        metric("soci_span_inflates_total", "counter",
+               "Spans (or parts of spans) inflated from verified compressed bytes; a span "
+               "read again from the caches is not inflated again.",
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.inflates)
+                for la in layers])
+        metric("soci_span_read_ahead_total", "counter",
+               "Spans fetched and inflated ahead of a reader, on worker threads.",
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.read_ahead_spans)
+                for la in layers])
+        metric("soci_span_jobs_pending", "gauge",
+               "Span jobs (read-ahead, inflates, disk-cache writes) queued or running.",
+               [("", sum(w.pending for w in {id(la.spans.workers): la.spans.workers
+                                             for la in layers}.values()))])
+        metric("soci_span_cache_hits_total", "counter",
+               "Span cache hits (disk: reads answered from inflated span files, and "
+               "compressed spans read back).",
                [(lab(cache="memory"), manager.memory.hits),
-                (lab(cache="disk"), manager.disk.hits if manager.disk else 0)])
+                (lab(cache="disk"), manager.disk.hits + manager.disk.inflated_hits
+                 if manager.disk else 0)])
         metric("soci_span_cache_misses_total", "counter", "Span cache misses.",
                [(lab(cache="memory"), manager.memory.misses),
                 (lab(cache="disk"), manager.disk.misses if manager.disk else 0)])

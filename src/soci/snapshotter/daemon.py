@@ -113,7 +113,8 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
 
         stack.callback(sd_notify, "STOPPING=1")
 
-        serve_until_signal(fs, store_cfg.release_grace_sec, ready)
+        serve_until_signal(fs, store_cfg.release_grace_sec, ready, mountpoint,
+                           store_cfg.read_ahead_kb)
     log.info("soci-snapshotter-grpc stopped")
 
 

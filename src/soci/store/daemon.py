@@ -75,7 +75,7 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
 
         stack.callback(sd_notify, "STOPPING=1")
 
-        serve_until_signal(fs, config.release_grace_sec, ready)
+        serve_until_signal(fs, config.release_grace_sec, ready, mountpoint, config.read_ahead_kb)
     log.info("soci-store stopped after %d FUSE operations (%d reads)", fs.ops, fs.reads)
 
 
