@@ -98,6 +98,14 @@ def big_file(seed: str, size: int) -> bytes:
     return (noise + text)[:size]
 
 
+def zstd_frames(data: bytes, piece: int = 1 << 20) -> bytes:
+    """A multi-frame zstd stream (one frame per ``piece`` bytes), as zstd:chunked and pzstd
+    write them but starting with a data frame, so that skopeo sees zstd and keeps it."""
+    return b"".join(subprocess.run(["zstd", "-q", "-c"], input=data[at:at + piece],
+                                   check=True, capture_output=True).stdout
+                    for at in range(0, len(data), piece))
+
+
 def write_image(root: str | os.PathLike[str], tag: str,
                 layers: list[bytes | GzipLayerFile], *, os_name: str = "linux",
                 arch: str = "amd64", variant: str = "", compress: str = "gzip",
@@ -122,6 +130,9 @@ def write_image(root: str | os.PathLike[str], tag: str,
             elif compress == "zstd":
                 data = subprocess.run(["zstd", "-q", "-c"], input=layer, check=True,
                                       capture_output=True).stdout
+                mt = "application/vnd.oci.image.layer.v1.tar+zstd"
+            elif compress == "zstd-frames":
+                data = zstd_frames(layer)
                 mt = "application/vnd.oci.image.layer.v1.tar+zstd"
             else:
                 data, mt = layer, "application/vnd.oci.image.layer.v1.tar"

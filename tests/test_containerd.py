@@ -38,23 +38,32 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("containerd")
     write_image(tmp / "img", "v1", [busybox_layer(), files_layer(SMALL), files_layer(FILES)])
     write_image(tmp / "zimg", "v1", [busybox_layer(), files_layer(FILES)], compress="zstd")
+    # The app's layers again, zstd-compressed in many frames: lazy once indexed.
+    write_image(tmp / "zfimg", "v1", [busybox_layer(), files_layer(SMALL), files_layer(FILES)],
+                compress="zstd-frames")
     with Registry() as reg, FaultProxy(reg.host) as proxy:
         for name in ("app:v1", "noindex:v1"):
             push_layout(tmp / "img", reg.host, name, tag="v1")
         push_layout(tmp / "zimg", reg.host, "zstd:v1", tag="v1")
+        push_layout(tmp / "zfimg", reg.host, "zapp:v1", tag="v1")
         # The index is built and pushed beforehand, as a CI pipeline would: the snapshotter
         # finds it through the registry (referrers tag), with an empty root of its own.
         soci(tmp / "build", "create", f"{reg.host}/app:v1")
         soci(tmp / "build", "push", f"{reg.host}/app:v1")
+        soci(tmp / "build", "create", f"{reg.host}/zapp:v1")
+        soci(tmp / "build", "push", f"{reg.host}/zapp:v1")
+        zraw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                               f"docker://{reg.host}/zapp:v1"], capture_output=True,
+                              check=True).stdout
         raw = subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
                               f"docker://{reg.host}/app:v1"], capture_output=True,
                              check=True).stdout
         yield {"tmp": tmp, "host": proxy.host, "proxy": proxy,
-               "big": json.loads(raw)["layers"][2]}
+               "big": json.loads(raw)["layers"][2], "zbig": json.loads(zraw)["layers"][2]}
 
 
-def served(world: dict) -> int:
-    digest = world["big"]["digest"]
+def served(world: dict, layer: str = "big") -> int:
+    digest = world[layer]["digest"]
     return sum(n for path, n in world["proxy"].counters.sent.items() if digest in path)
 
 
@@ -103,6 +112,20 @@ def test_cri_pull_is_lazy_and_runs(world: dict, generation: str, tmp_path: Path)
         listed = ctrd.ctr("snapshots", "--snapshotter", "soci", "ls",
                           namespace=CRI_NAMESPACE).stdout
         assert listed.count("Committed") == 3, listed
+
+
+def test_cri_pull_of_a_zstd_image_is_lazy(world: dict, generation: str,
+                                          tmp_path: Path) -> None:
+    """A zstd layer of many frames with a zTOC is served lazily, as a gzip one is."""
+    image = f"{world['host']}/zapp:v1"
+    with SnapshotterDaemon(tmp_path / "root") as sn, Containerd(
+            generation, soci_socket=sn.address, registry_hosts=[world["host"]]) as ctrd:
+        before = served(world, "zbig")
+        ctrd.cri_pull(image)
+        assert f"layer {world['zbig']['digest']} mounted lazily" in sn.logs()
+        assert run_reads(ctrd, image, CRI_NAMESPACE) == EXPECTED
+        fetched = served(world, "zbig") - before
+        assert 0 < fetched < world["zbig"]["size"] / 2, fetched
 
 
 @pytest.mark.parametrize("name", ["noindex:v1", "zstd:v1"])

@@ -62,11 +62,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     with Registry() as reg, FaultProxy(reg.host) as proxy:
         for name in ("app:v1", "local:v1", "conv:v1"):
             push_layout(layout, reg.host, name, tag="v1")
+        # The same files in a zstd layer of many frames (as zstd:chunked and pzstd write).
+        zlayout = tmp / "zimg"
+        write_image(zlayout, "v1", [busybox_layer(), files_layer(SMALL), files_layer(FILES)],
+                    compress="zstd-frames")
+        push_layout(zlayout, reg.host, "zapp:v1", tag="v1")
+        push_layout(zlayout, reg.host, "zconv:v1", tag="v1")
+        zmanifest = json.loads(subprocess.run(
+            ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/zapp:v1"],
+            capture_output=True, check=True).stdout)
         manifest = json.loads(subprocess.run(
             ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.host}/app:v1"],
             capture_output=True, check=True).stdout)
         yield {"tmp": tmp, "registry": reg, "proxy": proxy, "host": proxy.host,
-               "big": manifest["layers"][2], "small": manifest["layers"][1]}
+               "big": manifest["layers"][2], "small": manifest["layers"][1],
+               "zbig": zmanifest["layers"][2]}
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +95,10 @@ def _layer_bytes(proxy: FaultProxy, digest: str) -> int:
 
 
 def run_lazily(world: dict, name: str, root: Path, tag: str, *,
-               flavor: str = "host") -> tuple[bytes, int, str]:
+               flavor: str = "host", big: str | None = None) -> tuple[bytes, int, str]:
     """Pull and run NAME with soci-store as podman's layer store; return the output, the
-    big layer's bytes the registry served meanwhile and the store's log.
+    big layer's bytes (``big``: that layer's digest) the registry served meanwhile and the
+    store's log.
 
     ``flavor`` "podman5" runs podman 5 chrooted into :data:`PODMAN5_ROOT`; soci-store runs
     on the host with its mountpoint inside that root."""
@@ -106,10 +117,11 @@ def run_lazily(world: dict, name: str, root: Path, tag: str, *,
             scratch / "podman", additional_layer_store=str(store.mountpoint),
             insecure_registries=[world["host"]], chroot=chroot,
         ) as podman:
-            before = _layer_bytes(world["proxy"], world["big"]["digest"])
+            digest = big or world["big"]["digest"]
+            before = _layer_bytes(world["proxy"], digest)
             podman.pull(ref)
             out = podman.run(ref, "sh", "-c", CHECK)
-            served = _layer_bytes(world["proxy"], world["big"]["digest"]) - before
+            served = _layer_bytes(world["proxy"], digest) - before
             check_all_files(podman, ref)
             return out, served, store.logs()
     finally:
@@ -153,6 +165,29 @@ def test_podman_runs_an_indexed_image(world: dict, indexed: dict[str, str], flav
         # pulls the whole layer from the registry, and the container still runs.
         assert lazily not in logs
         assert served >= size, (served, size)
+
+
+@pytest.mark.parametrize(("flavor", "version"), [("host", "v1"), ("podman5", "v2")])
+def test_podman_runs_a_zstd_image_lazily(world: dict, flavor: str, version: str) -> None:
+    """A zstd layer of many frames is served lazily like a gzip one: each span a run of whole
+    frames, fetched and decoded only when read (podman 4 with a v1 index, podman 5 with a
+    converted image)."""
+    host, big = world["host"], world["zbig"]
+    assert big["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+    if version == "v1":
+        soci(world["tmp"] / "root-zv1", "create", f"{host}/zapp:v1")
+        soci(world["tmp"] / "root-zv1", "push", f"{host}/zapp:v1")
+        name = "zapp:v1"
+    else:
+        soci(world["tmp"] / "root-zconv", "convert", f"{host}/zconv:v1", f"{host}/zconv:soci")
+        name = "zconv:soci"
+    out, served, logs = run_lazily(world, name, world["tmp"] / f"root-z-{flavor}",
+                                   f"z-{flavor}", flavor=flavor, big=big["digest"])
+    assert out == expected_output()  # and check_all_files hashed every file of the layer
+    assert f"layer {big['digest']} mounted lazily" in logs
+    print(f"zstd {flavor} {version}: {served} of {big['size']} bytes of the big layer served "
+          f"at start ({served / big['size']:.2f})")
+    assert 0 < served < big["size"] / 2, (served, big["size"])
 
 
 def test_local_only_artifacts(world: dict) -> None:

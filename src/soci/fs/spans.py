@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 
 from soci._native.zran import inflate_range
+from soci._native.zstdframes import decompress_range
 from soci.errors import DigestMismatchError, LayerFormatError
 from soci.fs.cache import DiskCache, MemoryCache, inflated_name
-from soci.ztoc import GzipZinfo, TarZinfo, Ztoc, zinfo_of
+from soci.ztoc import GzipZinfo, TarZinfo, ZstdZinfo, Ztoc, zinfo_of
 from soci.ztoc.extract import SpanMismatch, split_verified
 
 log = logging.getLogger("soci.spans")
@@ -133,7 +134,7 @@ class SpanManager:
         # to, and naming the layer too keeps one layer's bytes from ever serving another.
         self.owner = f"{key} {ztoc_digest}"
         self.ztoc = ztoc
-        self.zinfo: GzipZinfo | TarZinfo = zinfo_of(ztoc)
+        self.zinfo: GzipZinfo | TarZinfo | ZstdZinfo = zinfo_of(ztoc)
         self.fetch = fetch
         self.memory = memory
         self.disk = disk
@@ -430,9 +431,13 @@ class SpanManager:
         if isinstance(self.zinfo, TarZinfo):
             return comp[skip : skip + length]
         out = bytearray(length)
-        got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), skip, out)
+        if isinstance(self.zinfo, ZstdZinfo):
+            # A zstd span starts on a frame start: no window or bits to prime.
+            got = decompress_range(comp, skip, out)
+        else:
+            got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), skip, out)
         if got != len(out):
-            raise LayerFormatError(f"span {span} of {self.key} inflated short")
+            raise LayerFormatError(f"span {span} of {self.key} decoded short")
         return out
 
     # -- huge spans: inflated in windows from compressed bytes kept on disk ---------------

@@ -35,7 +35,7 @@ from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Manifest, Platform
 from soci.registry import Reference, RegistryClient
 from soci.registry.reference import validate_digest
-from soci.ztoc import decode
+from soci.ztoc import Compression, decode
 from soci.ztoc.codec import check as check_ztoc
 
 log = logging.getLogger("soci.store")  # the logger name operators already filter on
@@ -46,6 +46,7 @@ RECHECK_SEC = 60.0
 #: containers/storage's compression code for gzip (pkg/archive.Gzip).
 _GZIP = 2
 _UNCOMPRESSED = 0
+_ZSTD = 4
 
 #: What a mounted layer serves: (layer digest, zTOC digest, diff ID, compression, size).
 LayerKey = tuple[str, str, str, int, int]
@@ -304,8 +305,11 @@ class LayerManager:
                      found.digest)
             return None
         size = manifest.layers[position].size
-        compression = (_UNCOMPRESSED if manifest.layers[position].media_type in mt.TAR_LAYERS
-                       else _GZIP)
+        media_type = manifest.layers[position].media_type
+        kind = (Compression.UNCOMPRESSED if media_type in mt.TAR_LAYERS
+                else Compression.ZSTD if media_type in mt.ZSTD_LAYERS else Compression.GZIP)
+        compression = {Compression.UNCOMPRESSED: _UNCOMPRESSED, Compression.ZSTD: _ZSTD,
+                       Compression.GZIP: _GZIP}[kind]
         wanted: LayerKey = (digest, ztoc_desc.digest, diff_ids[position], compression, size)
         with self._lock:
             shared = self._layers.get(wanted)
@@ -322,6 +326,11 @@ class LayerManager:
             check_ztoc(ztoc)
             if ztoc.compressed_size != size:
                 raise SociError("zTOC describes a layer of another size")
+            if ztoc.compression is not kind:
+                # The manifest says how the layer is compressed; a zTOC that disagrees
+                # describes some other blob.
+                raise SociError(f"zTOC is for a {ztoc.compression.name.lower()} layer, the "
+                                f"manifest says {media_type}")
             tree = LayerTree(ztoc)
             ztoc.entries = []  # the tree holds what the entries said; spans need the rest
         except SociError as e:
