@@ -8,12 +8,16 @@ soci: the SOCI index was created and pushed beforehand (as a CI pipeline
 would); soci-store starts with an empty root, discovers the index through the
 referrers tag, and podman pulls + runs with it as an Additional Layer Store.
 Each variant runs --repeat times from cold; medians are compared.
+
+``--compression zstd`` makes the big layer a zstd layer of many frames (pzstd's frames, its
+skippable headers dropped so that skopeo keeps it as zstd) from the same tar.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import struct
 import subprocess
 import sys
 import tarfile
@@ -34,10 +38,36 @@ from storeenv import StoreDaemon  # noqa: E402
 from throttle import ThrottledProxy  # noqa: E402
 
 
-def write_layout(root: Path, big_layer: Path) -> None:
-    """An OCI layout tagged v1: busybox, then the benchmark layer (copied in as is)."""
-    write_image(root, "v1", [busybox_layer(),
-                             GzipLayerFile(big_layer, diff_id(str(big_layer)))])
+def write_layout(root: Path, big_layer: Path, compression: str = "gzip") -> Path:
+    """An OCI layout tagged v1: busybox, then the benchmark layer (copied in as is, or
+    recompressed as many zstd frames); the big layer's blob."""
+    if compression == "gzip":
+        write_image(root, "v1", [busybox_layer(),
+                                 GzipLayerFile(big_layer, diff_id(str(big_layer)))])
+        return big_layer
+    blob = root.parent / "layer.tar.zst"
+    tar = subprocess.run(["pigz", "-dc", str(big_layer)], check=True,
+                         capture_output=True).stdout
+    framed = subprocess.run(["pzstd", "-q", "-3", "-p", "2", "-c"], input=tar, check=True,
+                            capture_output=True).stdout
+    blob.write_bytes(strip_skippable(framed))
+    write_image(root, "v1", [busybox_layer(), GzipLayerFile(
+        blob, diff_id(str(big_layer)), "application/vnd.oci.image.layer.v1.tar+zstd")])
+    return blob
+
+
+def strip_skippable(data: bytes) -> bytes:
+    """pzstd's output without its skippable frames (each says how long the next frame is)."""
+    out, at = [], 0
+    while at < len(data):
+        magic, size = struct.unpack_from("<II", data, at)
+        if magic & 0xFFFFFFF0 != 0x184D2A50:
+            raise ValueError("expected pzstd's skippable frame before each frame")
+        (frame,) = struct.unpack_from("<I", data, at + 8)
+        start = at + 8 + size
+        out.append(data[start:start + frame])
+        at = start + frame
+    return b"".join(out)
 
 
 def pull_and_run(podman: Podman, ref: str, command: list[str]) -> tuple[float, bytes]:
@@ -74,6 +104,7 @@ def main() -> None:
     parser.add_argument("--layer", default=str(HERE / ".data" / "usrlib.tar.gz"))
     parser.add_argument("--bandwidth", type=float, default=25.0, help="MB/s")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--compression", choices=("gzip", "zstd"), default="gzip")
     args = parser.parse_args()
     layer = Path(args.layer)
     layer = ensure_layer(layer)
@@ -89,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=data_dir()) as scratch_dir, Registry() as reg, \
             ThrottledProxy(reg.host, args.bandwidth * 1e6) as slow:
         scratch = Path(scratch_dir)
-        write_layout(scratch / "layout", layer)
+        blob = write_layout(scratch / "layout", layer, args.compression)
         subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
                         "--dest-tls-verify=false", f"oci:{scratch / 'layout'}:v1",
                         f"docker://{reg.host}/big:v1"], check=True)
@@ -116,7 +147,7 @@ def main() -> None:
                 assert "mounted lazily" in store.logs()
                 fetched = fetched_bytes(store.metrics_address)
             assert out == expected
-        size = layer.stat().st_size
+        size = blob.stat().st_size
         total = sum(m.size for m in workload)
         print(f"## Lazy start: pull + run reading {len(workload)} files ({total / 1e6:.1f} MB) of "
               f"a {size / 1e6:.0f} MB layer, registry at {args.bandwidth:.0f} MB/s, "

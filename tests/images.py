@@ -45,10 +45,12 @@ def files_layer(files: dict[str, bytes | tuple[bytes, int]]) -> bytes:
 
 @dataclass(frozen=True)
 class GzipLayerFile:
-    """A layer that already exists as a gzip blob on disk (copied in, never loaded whole)."""
+    """A layer that already exists as a compressed blob on disk (copied in, never loaded
+    whole); gzip unless ``media_type`` says otherwise."""
 
     path: Path
     diff_id: str
+    media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 class WrittenLayer(NamedTuple):
@@ -123,6 +125,7 @@ def write_image(root: str | os.PathLike[str], tag: str,
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(layer.path, target)
             item = WrittenLayer(digest, layer.diff_id, target.stat().st_size, None, None)
+            mt = layer.media_type
         else:
             diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
             if compress == "gzip":
