@@ -104,9 +104,10 @@ def test_convert_shows_progress_and_quiet_or_a_pipe_shows_none(
         tmp_path: Path, image: str, registry: Registry) -> None:
     root = str(tmp_path / "root")
     code, out, tty = run_on_tty(["--plain-http", "--root", root, "convert", image,
-                                 f"{registry.host}/prog:soci"])
+                                 f"{registry.host}/progcopy:soci"])
     assert code == 0, tty
     assert "indexed" in tty and "layers done" in tty, tty
+    assert "copied" in tty, tty  # the image's blobs, on their way to the destination
     assert "\x1b" not in out
 
     code, out, tty = run_on_tty(["--plain-http", "--root", root, "create", "-q", "--force",

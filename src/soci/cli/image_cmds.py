@@ -193,10 +193,15 @@ def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, f
             def on_image(image: PlatformImage) -> None:
                 bars.overall(f"indexing {image.platform}", len(image.manifest.layers), "layers")
 
+            def copying(blob: Descriptor, sent: int) -> None:
+                bars.update(f"copy {blob.digest}", f"copy {short(blob.digest)}", sent,
+                            blob.size, f"{human_size(sent)}/{human_size(blob.size)} copied")
+
             result = convert_image(source, dest, app.store, opts,
                                    platforms=_platforms(platforms), all_platforms=all_platforms,
                                    on_layer=_reporter(quiet, bars), progress=_indexing(bars),
-                                   on_image=on_image)
+                                   on_image=on_image,
+                                   copying=copying if bars.enabled else None)
     except BaseException:
         dest.abort()
         raise

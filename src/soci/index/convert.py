@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import BinaryIO
 
 from soci.artifacts import LocalStore
 from soci.errors import NotFoundError
@@ -27,6 +28,7 @@ from soci.index.create import (
     create_index,
 )
 from soci.index.model import ztoc_layer
+from soci.index.streams import CountingReader
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Index, Manifest, Platform
 from soci.oci.verify import sha256_digest
@@ -43,9 +45,11 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
                   all_platforms: bool = False,
                   on_layer: Callable[[LayerOutcome], None] | None = None,
                   progress: Callable[[LayerProgress], None] | None = None,
-                  on_image: Callable[[PlatformImage], None] | None = None) -> Converted:
+                  on_image: Callable[[PlatformImage], None] | None = None,
+                  copying: Callable[[Descriptor, int], None] | None = None) -> Converted:
     """Index each platform's layers (``on_image`` is told of each platform first, then
-    ``progress``/``on_layer`` as in :func:`create_index`), then write the converted image."""
+    ``progress``/``on_layer`` as in :func:`create_index`), then write the converted image;
+    ``copying(blob, bytes)`` follows each blob copied to the destination."""
     resolved = resolve_image(source, platforms, all_platforms)
     created = []
     for image in resolved.images:
@@ -76,7 +80,7 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
         done = by_manifest.get(entry.digest)
         original = done.image.data if done else source.manifest(entry)
         manifest = Manifest.parse(original, entry.media_type)
-        _copy_image_blobs(source, dest, manifest)
+        _copy_image_blobs(source, dest, manifest, copying)
         manifest.media_type = mt.OCI_MANIFEST
         manifest.config = replace(manifest.config, media_type=mt.OCI_CONFIG)
         if done is not None:
@@ -123,9 +127,16 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
     return Converted(top, created)
 
 
-def _copy_image_blobs(source: ImageSource, dest: ImageDestination, manifest: Manifest) -> None:
+def _copy_image_blobs(source: ImageSource, dest: ImageDestination, manifest: Manifest,
+                      copying: Callable[[Descriptor, int], None] | None) -> None:
     for blob in [manifest.config, *manifest.layers]:
-        dest.put_blob(blob, lambda blob=blob: source.open_blob(blob))
+        def open_blob(blob: Descriptor = blob) -> BinaryIO:
+            stream = source.open_blob(blob)
+            if copying is None:
+                return stream
+            return CountingReader(stream, lambda n: copying(blob, n))  # type: ignore[return-value]
+
+        dest.put_blob(blob, open_blob)
 
 
 def _copy_soci_index(store: LocalStore, dest: ImageDestination, created: CreatedIndex) -> None:

@@ -11,42 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import BinaryIO
 
 from soci.artifacts import LocalStore
 from soci.cancel import CancelToken, run_workers
 from soci.errors import SociError
 from soci.index.model import SociIndex
+from soci.index.streams import CountingReader
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor
 from soci.registry import Reference, RegistryClient
-
-
-class _Sending:
-    """A blob file handed to the uploader: counts what it reads (for progress) and stops a
-    cancelled upload at its next read (the uploader then drops its upload session)."""
-
-    def __init__(self, f: BinaryIO, on_read: Callable[[int], None] | None,
-                 cancel: CancelToken) -> None:
-        self.f, self.on_read, self.cancel, self.sent = f, on_read, cancel, 0
-
-    def read(self, n: int = -1) -> bytes:
-        self.cancel.raise_if_cancelled()
-        data = self.f.read(n)
-        self.sent += len(data)
-        if self.on_read is not None:
-            self.on_read(self.sent)
-        return data
-
-    def seekable(self) -> bool:
-        return self.f.seekable()
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.sent = offset  # retries restart from the beginning
-        return self.f.seek(offset, whence)
 
 
 def push_index(client: RegistryClient, ref: Reference, store: LocalStore, index_digest: str,
@@ -74,7 +47,7 @@ def push_index(client: RegistryClient, ref: Reference, store: LocalStore, index_
             progress(desc, 0)
         on_read = None if progress is None else (lambda n: progress(desc, n))
         with store.content.blob_path(desc.digest).open("rb") as f:
-            client.push_blob(ref, desc.digest, _Sending(f, on_read, token),  # type: ignore[arg-type]
+            client.push_blob(ref, desc.digest, CountingReader(f, on_read, token),  # type: ignore[arg-type]
                              desc.size)
         if report:
             report(f"{desc.digest}: pushed ({desc.size} bytes)")
