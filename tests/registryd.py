@@ -27,6 +27,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -92,11 +93,20 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """Clients that hang up mid-request (a killed CLI, a cancelled read) are part of the
+    tests, not errors worth a traceback in their output."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 def _serve_in_thread(
     handler: type[http.server.BaseHTTPRequestHandler],
 ) -> tuple[http.server.ThreadingHTTPServer, threading.Thread, int]:
     """A threaded HTTP server on a free loopback port, serving until _stop_server."""
-    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+    server = _QuietServer((LOOPBACK, 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
