@@ -94,7 +94,7 @@ if ! unshare -m --propagation private sh -c '
     mount -t tmpfs tmpfs "$1/run"
     shift
     root=$1; shift
-    chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    chroot "$root" /usr/bin/env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Acquire::Retries=3 \
       --no-install-recommends "$@"
     chroot "$root" apt-get clean
   ' sh "$WORK" "$WORK" "${PACKAGES[@]}" >"$WORK.log" 2>&1; then

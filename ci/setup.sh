@@ -41,7 +41,7 @@ fi
 # podman 5 (Debian trixie) in a root cached outside the clone, for the podman 5 end-to-end
 # tests (tests/podmanenv.py chroots into it). Built once (a few minutes), then reused; fails
 # clearly when it cannot be built (no network and no cache): those tests need it.
-bash ci/podman5-root.sh
+bash ci/podman5-root.sh || { echo "ci/setup.sh: retrying the podman 5 root once" >&2; sleep 10; bash ci/podman5-root.sh; }
 
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
