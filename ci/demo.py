@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests"), str(HERE.parent / "bench")]
 
-from bench_lazy_start import write_layout  # noqa: E402
+from bench_lazy_start import fetched_bytes, write_layout  # noqa: E402
 from containerdenv import Containerd  # noqa: E402
 from podmanenv import Podman  # noqa: E402
 from registryd import Registry  # noqa: E402
@@ -69,8 +69,7 @@ def main() -> None:
             print(out.decode().strip())
             mounted = [line for line in store.logs().splitlines() if "mounted lazily" in line]
             print("\n".join(line.split("msg=", 1)[-1] for line in mounted))
-            store_root = tmp / "store-root"
-            fetched = sum(p.stat().st_size for p in (store_root / "cache" / "spans").iterdir())
+            fetched = fetched_bytes(store.metrics_address)  # from the registry, by soci-store
             manifest = json.loads(subprocess.run(
                 ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
                 capture_output=True, check=True).stdout)
@@ -90,8 +89,7 @@ def main() -> None:
                            timeout=600).stdout
             took = time.perf_counter() - start
             print(out.strip())
-            fetched = sum(p.stat().st_size for p in
-                          (tmp / "snapshotter-root" / "cache" / "spans").iterdir())
+            fetched = fetched_bytes(sn.metrics_address)
         step(f"containerd done in {took:.1f} s: fetched {fetched / 1e6:.1f} MB of the lazy "
              f"layer to run the container")
 
