@@ -93,7 +93,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-class _QuietServer(http.server.ThreadingHTTPServer):
+class QuietServer(http.server.ThreadingHTTPServer):
     """Clients that hang up mid-request (a killed CLI, a cancelled read) are part of the
     tests, not errors worth a traceback in their output."""
 
@@ -106,7 +106,7 @@ def _serve_in_thread(
     handler: type[http.server.BaseHTTPRequestHandler],
 ) -> tuple[http.server.ThreadingHTTPServer, threading.Thread, int]:
     """A threaded HTTP server on a free loopback port, serving until _stop_server."""
-    server = _QuietServer((LOOPBACK, 0), handler)
+    server = QuietServer((LOOPBACK, 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from registryd import QuietServer
 from soci.errors import RegistryError
 from soci.oci import boundedjson
 from soci.oci.descriptor import Manifest, ManifestError
@@ -56,7 +57,7 @@ def test_honest_index_parses() -> None:
 @pytest.fixture
 def listing() -> Iterator[Callable[[Callable[[int], bytes], int], str]]:
     """A registry whose listing (referrers and tags) is ``pages`` pages from ``body(n)``."""
-    servers: list[http.server.ThreadingHTTPServer] = []
+    servers: list[QuietServer] = []
 
     def start(body: Callable[[int], bytes], pages: int) -> str:
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,7 +78,7 @@ def listing() -> Iterator[Callable[[Callable[[int], bytes], int], str]]:
             def log_message(self, *args: object) -> None:
                 pass
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = QuietServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"127.0.0.1:{server.server_port}/r/img:v1"
@@ -158,7 +159,7 @@ def test_a_body_is_not_resent_to_another_host_on_a_redirect() -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    thief = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Thief)
+    thief = QuietServer(("127.0.0.1", 0), Thief)
 
     class Redirector(Thief):
         def do_PUT(self) -> None:
@@ -167,7 +168,7 @@ def test_a_body_is_not_resent_to_another_host_on_a_redirect() -> None:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    origin = QuietServer(("127.0.0.1", 0), Redirector)
     for server in (thief, origin):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
