@@ -109,7 +109,7 @@ def test_artifact_bytes_and_strict_parsing() -> None:
     spans = merge_spans([PrefetchSpan(50, 55), PrefetchSpan(10, 12), PrefetchSpan(13, 15),
                          PrefetchSpan(11, 11), PrefetchSpan(54, 60, 3)])
     assert spans == (PrefetchSpan(10, 15), PrefetchSpan(50, 60))
-    art = PrefetchArtifact(spans + (PrefetchSpan(70, 70, 2),))
+    art = PrefetchArtifact((*spans, PrefetchSpan(70, 70, 2)))
     data = art.encode()
     assert data == (b'{"version":"1.0","prefetch_spans":[{"start_span":10,"end_span":15},'
                     b'{"start_span":50,"end_span":60},'
@@ -327,7 +327,7 @@ def wait_until(check, daemon: StoreDaemon) -> None:
 def test_enabled_prefetch_fetches_the_files_spans_at_mount(served: dict, tmp_path: Path) -> None:
     """A fresh store: the index comes from the registry (referrers), the artifact too, and
     the spans of app/f4.bin are on disk before anything is read."""
-    assert served["count"] >= 5  # a 300 KB file over 64 KiB spans
+    assert served["count"] >= 3  # a 300 KB file over gzip spans of 64 KiB and more
     with StoreDaemon(tmp_path / "root", tmp_path / "mnt",
                      extra_config="[prefetch]\nenable = true\nmax_concurrency = 1\n") as daemon:
         diff = daemon.layer_dir(served["ref"], served["layer"]) / "diff"
@@ -348,7 +348,7 @@ def test_disabled_prefetch_fetches_nothing(served: dict, tmp_path: Path) -> None
         assert len(list((diff / "app").iterdir())) == len(FILES)
         assert prefetched(daemon) == 0 and layer_status(daemon)["spans_held"] == 0
         assert (diff / "app/f4.bin").read_bytes() == FILES["app/f4.bin"]
-        assert "prefetch" not in daemon.logs()
+        assert "prefetched" not in daemon.logs() and "prefetch artifact" not in daemon.logs()
 
 
 def _tamper(served: dict, root: Path, desc: dict, data: bytes | None) -> None:
@@ -385,7 +385,7 @@ def test_hostile_artifacts_are_refused_and_the_layer_served(served: dict, tmp_pa
         "junk": (_desc(junk, layer), junk, "not valid JSON"),
         "out-of-range": (_desc(far, layer), far, "ends at span 99999"),
         "huge": (_desc(good, layer, size=1 << 30), None, "bytes (at most"),
-        "wrong-digest": (_desc(good, layer), b"x" * len(good), "digest"),
+        "wrong-digest": (_desc(good, layer), b"x" * len(good), ", got sha256:"),
     }[case]
     root = tmp_path / "root"
     _tamper(served, root, desc, data)
