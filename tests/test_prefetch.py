@@ -399,3 +399,27 @@ def test_hostile_artifacts_are_refused_and_the_layer_served(served: dict, tmp_pa
         for name, content in FILES.items():  # lazily, all of it
             assert (diff / name).read_bytes() == content
         assert prefetched(daemon) == 0
+
+
+# -- configuration (both daemons read soci.serve.config) -----------------------------------
+
+
+def test_prefetch_config(tmp_path: Path) -> None:
+    from soci.errors import SociError
+    from soci.serve.config import load_serve_config
+    from soci.snapshotter.config import load_snapshotter_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("")
+    cfg = load_serve_config(str(path))
+    assert (cfg.prefetch.enable, cfg.prefetch.max_concurrency) == (False, 0)  # upstream's
+    path.write_text("[prefetch]\nenable = true\nmax_concurrency = 10\n")
+    assert load_serve_config(str(path)).prefetch.max_concurrency == 10
+    assert load_snapshotter_config(str(path)).store.prefetch.enable
+    path.write_text("[prefetch]\nenable = true\nmax_concurrency = -1\n")  # upstream: no limit
+    assert load_serve_config(str(path)).prefetch.max_concurrency == 0
+    for text, why in [("[prefetch]\nenable = 'yes'\n", "enable must be a boolean"),
+                      ("[prefetch]\nenabel = true\n", "enable")]:
+        path.write_text(text)
+        with pytest.raises(SociError, match=why):
+            load_serve_config(str(path))
