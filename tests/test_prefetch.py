@@ -298,18 +298,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         artifact = json.loads(blob(builder, index["layers"][1]["digest"]))
         ranges = artifact["prefetch_spans"]
         yield {"ref": ref, "layer": written.layers[0].digest, "builder": builder,
+               "diff_id": written.layers[0].diff_id,
                "manifest": written.manifest_digest, "index": index,
                "count": sum(r["end_span"] - r["start_span"] + 1 for r in ranges)}
 
 
-def layer_status(daemon: StoreDaemon) -> dict:
+def layer_status(daemon) -> dict:
     with urllib.request.urlopen(f"http://{daemon.metrics_address}/status") as resp:
         layers = json.loads(resp.read())["layers"]
     assert len(layers) == 1
     return layers[0]
 
 
-def prefetched(daemon: StoreDaemon) -> int:
+def prefetched(daemon) -> int:
     with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as resp:
         text = resp.read().decode()
     line = next(x for x in text.splitlines()
@@ -317,7 +318,7 @@ def prefetched(daemon: StoreDaemon) -> int:
     return int(float(line.split()[-1]))
 
 
-def wait_until(check, daemon: StoreDaemon) -> None:
+def wait_until(check, daemon) -> None:
     deadline = time.monotonic() + 60
     while not check():
         assert time.monotonic() < deadline, daemon.logs()[-3000:]
@@ -349,6 +350,27 @@ def test_disabled_prefetch_fetches_nothing(served: dict, tmp_path: Path) -> None
         assert prefetched(daemon) == 0 and layer_status(daemon)["spans_held"] == 0
         assert (diff / "app/f4.bin").read_bytes() == FILES["app/f4.bin"]
         assert "prefetched" not in daemon.logs() and "prefetch artifact" not in daemon.logs()
+
+
+def test_the_snapshotter_prefetches_too(served: dict, tmp_path: Path) -> None:
+    """soci-snapshotter-grpc (containerd's side) shares the serving core: preparing the
+    layer mounts it lazily, and its artifact's spans follow before any read."""
+    import grpc
+
+    from snapshotterenv import SnapshotterDaemon
+    from soci.image.resolve import chain_ids
+
+    labels = {"containerd.io/snapshot.ref": chain_ids([served["diff_id"]])[0],
+              "containerd.io/snapshot/cri.image-ref": served["ref"],
+              "containerd.io/snapshot/cri.manifest-digest": served["manifest"],
+              "containerd.io/snapshot/cri.layer-digest": served["layer"]}
+    with SnapshotterDaemon(tmp_path / "root",
+                           extra_config="[prefetch]\nenable = true\n") as sn:
+        with pytest.raises(grpc.RpcError) as e:
+            sn.prepare("extract-0", "", labels)
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS  # committed lazily
+        wait_until(lambda: prefetched(sn) == served["count"], sn)
+        assert layer_status(sn)["spans_held"] == served["count"]
 
 
 def _tamper(served: dict, root: Path, desc: dict, data: bytes | None) -> None:
