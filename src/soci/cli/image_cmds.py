@@ -186,7 +186,8 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
                     bars.echo(line)
 
             def uploading(blob: Descriptor, sent: int) -> None:
-                what = (f"ztoc of {short(blob.annotations[mt.ANN_LAYER_DIGEST])}"
+                kind = "prefetch" if blob.media_type == mt.SOCI_PREFETCH else "ztoc"
+                what = (f"{kind} of {short(blob.annotations[mt.ANN_LAYER_DIGEST])}"
                         if blob.annotations and mt.ANN_LAYER_DIGEST in blob.annotations
                         else short(blob.digest))
                 bars.update(blob.digest, what, sent, blob.size,

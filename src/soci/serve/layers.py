@@ -266,7 +266,10 @@ class LayerManager:
                     layer = self._layers.setdefault(layer.key, layer)
                     self._aliases[lookup] = layer.key
             if new and self.on_mount is not None:
-                self.on_mount(cast(Layer, layer))
+                try:  # best effort: never fails the mount
+                    self.on_mount(cast(Layer, layer))
+                except Exception:
+                    log.exception("layer %s: mount hook failed", key)
             return layer
         finally:
             with self._lock:
