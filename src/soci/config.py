@@ -78,10 +78,10 @@ KNOWN_KEYS: Table = {
     "fuse": {"attr_timeout": True, "entry_timeout": True, "negative_timeout": True,
              "log_fuse_operations": True, "read_ahead_kb": True},
     "cache": {"memory_mb": True, "disk_mb": True, "release_grace_sec": True},
+    "prefetch": {"enable": True, "max_concurrency": True},
     # upstream's, ignored here
     "directory_cache": None,
     "content_store": None,
-    "prefetch": None,
     "kubeconfig_keychain": None,
     "cri_keychain": None,
     "resolver": None,

@@ -7,6 +7,7 @@ import click
 from soci.cli.context import App, one_line_errors, pass_app
 from soci.cli.index_cmds import earlier_indexes_note
 from soci.cli.output import Bars, exit_on_interrupt, human_size, short
+from soci.cli.prefetch_cmds import load_prefetch_files
 from soci.errors import NotFoundError, SociError
 from soci.image.destinations import open_destination
 from soci.image.names import parse_image_name
@@ -49,9 +50,34 @@ def build_options(f):
                      help="os/arch[/variant] to index [default: this host's]; repeatable."),
         click.option("--all-platforms", is_flag=True, help="Index every platform of the image."),
         click.option("-q", "--quiet", is_flag=True, help="Only print errors and the result."),
+        click.option("--prefetch-file", "prefetch_file", multiple=True, metavar="PATH",
+                     help="A file whose spans runtimes fetch as soon as its layer is mounted "
+                          "(upstream's prefetch artifact); repeatable."),
+        click.option("--prefetch-files-json", type=click.Path(dir_okay=False),
+                     help="A JSON file holding a list of such paths."),
+        click.option("--prefetch-entrypoint", is_flag=True,
+                     help="Also prefetch the file the image's Entrypoint (or Cmd) runs, "
+                          "looked up in its PATH."),
     ]):
         f = option(f)
     return f
+
+
+def _options(span_size: int, min_layer_size: int, force: bool, optimizations: tuple[str, ...],
+             prefetch: dict) -> CreateOptions:
+    files = list(load_prefetch_files(prefetch["prefetch_file"],
+                                     prefetch["prefetch_files_json"]))
+    return CreateOptions(span_size, min_layer_size, force, optimizations,
+                         prefetch_files=tuple(files),
+                         prefetch_entrypoint=prefetch["prefetch_entrypoint"])
+
+
+def _prefetch_report(quiet: bool, index: SociIndex, echo) -> None:
+    if quiet:
+        return
+    for p in index.prefetches():
+        echo(f"Created prefetch artifact for layer {p.annotations[mt.ANN_LAYER_DIGEST]}: "
+             f"{p.digest}")
 
 
 def _reporter(quiet: bool, bars: Bars):
@@ -90,11 +116,11 @@ def _indexing(bars: Bars):
 @one_line_errors
 def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
            optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
-           quiet: bool) -> None:
+           quiet: bool, **prefetch) -> None:
     """Create SOCI indexes (manifest v1) for an image: REF is a registry reference,
     oci:DIR[:TAG] or oci-archive:FILE[:TAG]."""
     name = parse_image_name(ref)
-    opts = CreateOptions(span_size, min_layer_size, force, optimizations)
+    opts = _options(span_size, min_layer_size, force, optimizations, prefetch)
     source = open_source(name, app.client)
     try:
         resolved = resolve_image(source, _platforms(platforms), all_platforms)
@@ -105,13 +131,15 @@ def create(app: App, ref: str, span_size: int, min_layer_size: int, force: bool,
                 try:
                     created = create_index(source, image, app.store, opts, refs=[str(name)],
                                            on_layer=_reporter(quiet, bars),
-                                           progress=_indexing(bars))
+                                           progress=_indexing(bars),
+                                           warn=lambda m: bars.echo(f"warning: {m}", err=True))
                 except EmptyIndexError as e:
                     if len(resolved.images) == 1:
                         raise
                     bars.echo(f"skipped {image.platform}: {e}")
                     continue
                 made += 1
+                _prefetch_report(quiet, created.index, bars.echo)
                 bars.echo(f"{created.desc.digest}  SOCI index for {image.desc.digest} "
                           f"({image.platform})")
                 note = earlier_indexes_note(app.store, image.desc.digest, created.desc.digest)
@@ -158,7 +186,8 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
                     bars.echo(line)
 
             def uploading(blob: Descriptor, sent: int) -> None:
-                what = (f"ztoc of {short(blob.annotations[mt.ANN_LAYER_DIGEST])}"
+                kind = "prefetch" if blob.media_type == mt.SOCI_PREFETCH else "ztoc"
+                what = (f"{kind} of {short(blob.annotations[mt.ANN_LAYER_DIGEST])}"
                         if blob.annotations and mt.ANN_LAYER_DIGEST in blob.annotations
                         else short(blob.digest))
                 bars.update(blob.digest, what, sent, blob.size,
@@ -179,13 +208,13 @@ def push(app: App, ref: str, platforms: tuple[str, ...], all_platforms: bool,
 @one_line_errors
 def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, force: bool,
             optimizations: tuple[str, ...], platforms: tuple[str, ...], all_platforms: bool,
-            quiet: bool) -> None:
+            quiet: bool, **prefetch) -> None:
     """Make a SOCI-enabled image (SOCI index manifest v2) of SRC at DST.
 
     Each may be a registry reference, oci:DIR[:TAG] or oci-archive:FILE[:TAG].
     """
     src_name, dst_name = parse_image_name(src), parse_image_name(dst)
-    opts = CreateOptions(span_size, min_layer_size, force, optimizations)
+    opts = _options(span_size, min_layer_size, force, optimizations, prefetch)
     source = open_source(src_name, app.client)
     dest = open_destination(dst_name, app.client)
     try:
@@ -201,12 +230,14 @@ def convert(app: App, src: str, dst: str, span_size: int, min_layer_size: int, f
                                    platforms=_platforms(platforms), all_platforms=all_platforms,
                                    on_layer=_reporter(quiet, bars), progress=_indexing(bars),
                                    on_image=on_image,
-                                   copying=copying if bars.enabled else None)
+                                   copying=copying if bars.enabled else None,
+                                   warn=lambda m: bars.echo(f"warning: {m}", err=True))
     except BaseException:
         dest.abort()
         raise
     finally:
         source.close()
     for c in result.created:
+        _prefetch_report(quiet, c.index, click.echo)
         click.echo(f"{c.desc.digest}  SOCI v2 index for {c.image.platform}")
     click.echo(f"{result.top.digest}  {dst_name}")

@@ -13,6 +13,7 @@ from soci._native.zran import ZLIB_VERSION
 from soci.cli.context import App, SociGroup, add_global_options, one_line_errors
 from soci.cli.image_cmds import convert, create, push
 from soci.cli.index_cmds import index, rebuild_db
+from soci.cli.prefetch_cmds import prefetch
 from soci.cli.pull_cmds import pull
 from soci.cli.store_cmds import store
 from soci.cli.ztoc_cmds import ztoc
@@ -40,6 +41,7 @@ cli.add_command(convert)
 cli.add_command(rebuild_db)
 cli.add_command(store)
 cli.add_command(pull)
+cli.add_command(prefetch)
 
 
 @click.group("image")

@@ -46,7 +46,8 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
                   on_layer: Callable[[LayerOutcome], None] | None = None,
                   progress: Callable[[LayerProgress], None] | None = None,
                   on_image: Callable[[PlatformImage], None] | None = None,
-                  copying: Callable[[Descriptor, int], None] | None = None) -> Converted:
+                  copying: Callable[[Descriptor, int], None] | None = None,
+                  warn: Callable[[str], None] | None = None) -> Converted:
     """Index each platform's layers (``on_image`` is told of each platform first, then
     ``progress``/``on_layer`` as in :func:`create_index`), then write the converted image;
     ``copying(blob, bytes)`` follows each blob copied to the destination."""
@@ -58,7 +59,7 @@ def convert_image(source: ImageSource, dest: ImageDestination, store: LocalStore
         try:
             created.append(create_index(source, image, store, opts, version=2,
                                         refs=[str(source.name)], on_layer=on_layer,
-                                        progress=progress))
+                                        progress=progress, warn=warn))
         except EmptyIndexError:
             if len(resolved.images) == 1:
                 raise

@@ -21,8 +21,10 @@ from soci.errors import DigestMismatchError, LayerFormatError, SociError
 from soci.image.resolve import PlatformImage
 from soci.image.sources import ImageSource
 from soci.index.model import SociIndex
+from soci.oci import boundedjson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor
+from soci.prefetch import MergedLayers, PrefetchArtifact, entrypoint_path, prefetch_spans
 from soci.ztoc import DEFAULT_SPAN_SIZE, UnservableLayerError, Ztoc, build_ztoc, decode, encode
 
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
@@ -42,6 +44,10 @@ class CreateOptions:
     optimizations: tuple[str, ...] = ()
     build_tool: str = BUILD_TOOL_IDENTIFIER
     parallel: int = 2
+    #: Files whose spans a runtime should fetch as soon as their layer is mounted
+    #: (upstream's --prefetch-file), and whether to add the image's entrypoint (ours).
+    prefetch_files: tuple[str, ...] = ()
+    prefetch_entrypoint: bool = False
 
 
 @dataclass(slots=True)
@@ -150,8 +156,13 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
                  opts: CreateOptions, *, version: int = 1, refs: list[str] | None = None,
                  on_layer: Callable[[LayerOutcome], None] | None = None,
                  progress: Callable[[LayerProgress], None] | None = None,
-                 cancel: CancelToken | None = None) -> CreatedIndex:
+                 cancel: CancelToken | None = None,
+                 warn: Callable[[str], None] | None = None) -> CreatedIndex:
     """Build (or reuse) every layer's zTOC, then write the SOCI index and its mapping.
+
+    With ``opts.prefetch_files`` (or ``prefetch_entrypoint``), a prefetch artifact per
+    layer holding any of those files follows the zTOCs in the index, in layer order, as
+    upstream writes them; files found in no indexed layer are told to ``warn``.
 
     Layers are built ``opts.parallel`` at a time on daemon threads; ``progress`` and
     ``on_layer`` are called from them. ``KeyboardInterrupt`` in the calling thread (or
@@ -173,13 +184,20 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
 
     outcomes = run_workers(one, image.manifest.layers, workers=opts.parallel, cancel=token)
     token.raise_if_cancelled()
-    blobs = [o.ztoc for o in outcomes if o.ztoc is not None]
+    ztocs = blobs = [o.ztoc for o in outcomes if o.ztoc is not None]
     if not blobs:
         raise EmptyIndexError(
             f"no zTOCs created for {image_name}: every layer was skipped "
             f"(smaller than --min-layer-size {opts.min_layer_size}, not gzip/zstd/tar, "
             f"or zstd frames too large to serve lazily)"
         )
+    # The image manifest and config, so the store can be rebuilt (platform included).
+    store.content.write_blob(image.data, image.desc.digest)
+    if not store.content.has_blob(image.manifest.config.digest):
+        with closing(source.open_blob(image.manifest.config)) as config:
+            store.content.ingest(config, image.manifest.config.digest, image.manifest.config.size)
+    if opts.prefetch_files or opts.prefetch_entrypoint:
+        blobs = ztocs + _prefetch_artifacts(image, store, opts, ztocs, warn)
     subject = None
     if version == 1:
         subject = Descriptor(image.desc.media_type, image.desc.digest, image.desc.size)
@@ -187,18 +205,50 @@ def create_index(source: ImageSource, image: PlatformImage, store: LocalStore,
     data = index.encode()
     store.content.write_blob(mt.EMPTY_JSON)
     digest = store.content.write_blob(data)
-    # The image manifest and config, so the store can be rebuilt (platform included).
-    store.content.write_blob(image.data, image.desc.digest)
-    if not store.content.has_blob(image.manifest.config.digest):
-        with closing(source.open_blob(image.manifest.config)) as config:
-            store.content.ingest(config, image.manifest.config.digest, image.manifest.config.size)
     desc = index.descriptor(data)
     store.db.put_index(
         IndexRecord(digest, len(data), mt.OCI_MANIFEST, index.artifact_type, image.desc.digest,
                     image.top.digest, str(image.platform), now()),
-        [b.digest for b in blobs],
+        [b.digest for b in ztocs],
         refs or [],
     )
     if version == 1:
         store.mappings.put(image.desc.digest, digest)
     return CreatedIndex(image, index, desc, outcomes)
+
+
+def _prefetch_artifacts(image: PlatformImage, store: LocalStore, opts: CreateOptions,
+                        ztocs: list[Descriptor],
+                        warn: Callable[[str], None] | None) -> list[Descriptor]:
+    """Write the prefetch artifact of each layer holding a requested file; their
+    descriptors in the image's layer order (upstream's position: after every zTOC)."""
+    by_layer = {d.annotations[mt.ANN_LAYER_DIGEST]: d for d in ztocs if d.annotations}
+    layers = [(layer.digest, decode(store.content.read_blob(by_layer[layer.digest].digest)))
+              for layer in image.manifest.layers if layer.digest in by_layer]
+    merged = MergedLayers(layers)
+    paths = list(opts.prefetch_files)
+    resolved: set[str] = set()
+    if opts.prefetch_entrypoint:
+        try:
+            config = boundedjson.loads(store.content.read_blob(image.manifest.config.digest),
+                                       "image config")
+        except ValueError as e:
+            raise SociError(f"image config {image.manifest.config.digest}: {e}") from None
+        found = entrypoint_path(config if isinstance(config, dict) else {}, merged)
+        if found is None:
+            if warn is not None:
+                warn("--prefetch-entrypoint: the image's entrypoint is in no indexed layer")
+        else:
+            paths.append(found)
+            resolved.add(found)
+    spans = prefetch_spans(merged, paths, warn, resolved)
+    descs = []
+    for layer in image.manifest.layers:
+        ranges = spans.pop(layer.digest, ())
+        if not ranges:
+            continue
+        data = PrefetchArtifact(ranges).encode()
+        digest = store.content.write_blob(data)
+        descs.append(Descriptor(mt.SOCI_PREFETCH, digest, len(data),
+                                {mt.ANN_LAYER_DIGEST: layer.digest}))
+    return descs

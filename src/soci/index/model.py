@@ -45,6 +45,15 @@ class SociIndex:
         """The zTOC descriptors (prefetch artifacts left out)."""
         return [b for b in self.blobs if b.media_type == mt.SOCI_ZTOC]
 
+    def prefetches(self) -> list[Descriptor]:
+        """The prefetch artifact descriptors (upstream v0.13+), after the zTOCs."""
+        return [b for b in self.blobs if b.media_type == mt.SOCI_PREFETCH]
+
+    def prefetch_for(self, layer_digest: str) -> Descriptor | None:
+        """The prefetch artifact for a layer, if the index has one (the first, as upstream)."""
+        return next((b for b in self.prefetches()
+                     if (b.annotations or {}).get(mt.ANN_LAYER_DIGEST) == layer_digest), None)
+
     @classmethod
     def parse(cls, data: bytes) -> SociIndex:
         manifest = Manifest.parse(data, mt.OCI_MANIFEST)

@@ -23,6 +23,10 @@ keys where they exist, plus the cache bounds.
     entry_timeout = 3600
     read_ahead_kb = 4096          # ours: the kernel's read-ahead on the mount (0: leave it)
 
+    [prefetch]                    # upstream's: spans a SOCI index's prefetch artifact names
+    enable = false                # fetched as soon as their layer is mounted
+    max_concurrency = 0           # layers prefetching at once (0: no limit)
+
     [cache]                       # ours
     memory_mb = 512               # inflated spans, shared by all layers
     disk_mb = 10240               # inflated spans (compressed for huge ones) under
@@ -47,11 +51,18 @@ class BackgroundFetch:
 
 
 @dataclass(slots=True)
+class PrefetchConfig:
+    enable: bool = False
+    max_concurrency: int = 0
+
+
+@dataclass(slots=True)
 class ServeConfig:
     root: str
     plain_http: bool = False
     hosts_dir: str | None = None
     background_fetch: BackgroundFetch = field(default_factory=BackgroundFetch)
+    prefetch: PrefetchConfig = field(default_factory=PrefetchConfig)
     fetching_timeout_sec: float = 300.0
     max_retries: int = 5
     min_wait_msec: int = 30
@@ -105,6 +116,11 @@ def load_serve_config(path: str | None = None) -> ServeConfig:
     cfg.read_ahead_kb = _get(doc, "fuse", "read_ahead_kb", int, cfg.read_ahead_kb)
     if cfg.read_ahead_kb < 0:
         raise SociError("config: [fuse] read_ahead_kb must not be negative")
+    cfg.prefetch.enable = _get(doc, "prefetch", "enable", bool, cfg.prefetch.enable)
+    cfg.prefetch.max_concurrency = _get(doc, "prefetch", "max_concurrency", int,
+                                        cfg.prefetch.max_concurrency)
+    if cfg.prefetch.max_concurrency < 0:  # upstream: negative means no limit
+        cfg.prefetch.max_concurrency = 0
     cfg.memory_bytes = _get(doc, "cache", "memory_mb", int, cfg.memory_bytes >> 20) << 20
     cfg.disk_bytes = _get(doc, "cache", "disk_mb", int, cfg.disk_bytes >> 20) << 20
     cfg.release_grace_sec = _get(doc, "cache", "release_grace_sec", float,

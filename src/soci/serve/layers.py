@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol, cast
 
 from soci.artifacts import LocalStore
-from soci.errors import RegistryError, SociError
+from soci.errors import DigestMismatchError, RegistryError, SociError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fs.spans import SpanManager
 from soci.fs.tree import LayerTree
@@ -33,6 +33,13 @@ from soci.index.discover import DiscoveryFlights, discover_index
 from soci.index.model import ztoc_layer
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor, Manifest, Platform
+from soci.prefetch import (
+    MAX_ARTIFACT_BYTES,
+    EmptyPrefetchError,
+    PrefetchArtifact,
+    PrefetchFormatError,
+    parse_artifact,
+)
 from soci.registry import Reference, RegistryClient
 from soci.registry.reference import validate_digest
 from soci.ztoc import Compression, decode
@@ -99,6 +106,9 @@ class Layer:
     idle_since: float | None = None  # when the last user let go (None: in use, or never used)
     blob_lock: threading.Lock = field(default_factory=threading.Lock)
     blob_bytes_fetched: int = 0  # the whole-blob download behind ``blob`` (podman push)
+    #: the prefetch artifact the image's SOCI index has for this layer (upstream v0.13+)
+    prefetch: Descriptor | None = None
+    prefetched_spans: int = 0  # spans loaded because the prefetch artifact named them
 
     @property
     def key(self) -> LayerKey:
@@ -177,6 +187,9 @@ class LayerManager:
         self._aliases: dict[tuple[str, str], LayerKey] = {}
         self._images: dict[str, tuple[float, Descriptor, Manifest, list[str]]] = {}
         self._image_layers: dict[str, tuple[float, ImageLayers]] = {}
+        #: Told of each layer when it is first mounted (not when a mounted one is shared):
+        #: where the prefetch of its artifact's spans starts (``soci.serve.background``).
+        self.on_mount: Callable[[Layer], None] | None = None
 
     def layers(self) -> list[Layer]:
         with self._lock:
@@ -244,12 +257,19 @@ class LayerManager:
             event.wait()
         try:
             layer = self._resolve(ref_text, key)
+            new = False
             with self._lock:
                 if layer is None:
                     self._absent[lookup] = time.monotonic()
                 else:
+                    new = layer.key not in self._layers
                     layer = self._layers.setdefault(layer.key, layer)
                     self._aliases[lookup] = layer.key
+            if new and self.on_mount is not None:
+                try:  # best effort: never fails the mount
+                    self.on_mount(cast(Layer, layer))
+                except Exception:
+                    log.exception("layer %s: mount hook failed", key)
             return layer
         finally:
             with self._lock:
@@ -351,7 +371,36 @@ class LayerManager:
                  "%d files, %d spans)", ref, digest, found.digest, found.where, ztoc_desc.digest,
                  len(tree), ztoc.span_count)
         return Layer(digest, size, ref, tree, spans, ztoc_desc.digest, diff_ids[position],
-                     compression)
+                     compression, prefetch=found.index.prefetch_for(digest))
+
+    def load_prefetch(self, layer: Layer) -> PrefetchArtifact:
+        """The layer's prefetch artifact: from the local store, else fetched from the
+        layer's repository (and kept); bounded in size, verified against its digest, and
+        checked against the layer's zTOC. Raises ``SociError`` (``EmptyPrefetchError`` for
+        one naming no spans) when it cannot be used."""
+        desc = layer.prefetch
+        if desc is None:
+            raise EmptyPrefetchError("the layer has no prefetch artifact")
+        validate_digest(desc.digest)
+        if not 0 < desc.size <= MAX_ARTIFACT_BYTES:
+            raise PrefetchFormatError(f"its index says it is {desc.size} bytes (at most "
+                                      f"{MAX_ARTIFACT_BYTES} accepted)")
+        path = self.store.content.blob_path(desc.digest)
+        if path.exists():
+            if path.stat().st_size != desc.size:  # before reading any of it
+                raise DigestMismatchError("the local copy is not the size its index gives")
+            data = self.store.content.read_blob(desc.digest)  # verified against its digest
+        else:
+            try:
+                data = self.client.get_blob(layer.ref, desc.digest, size=desc.size)
+            except RegistryError as e:
+                if self.metrics is not None:
+                    self.metrics.registry_error(e.status or "connection")
+                raise
+            artifact = parse_artifact(data, layer.spans.spans)  # before keeping any of it
+            self.store.content.write_blob(data, desc.digest)
+            return artifact
+        return parse_artifact(data, layer.spans.spans)
 
     # -- reference counting (containers/storage's "use" and rmdir) ----------------------
 

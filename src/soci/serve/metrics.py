@@ -113,6 +113,10 @@ class Metrics:
                "Spans fetched and inflated ahead of a reader, on worker threads.",
                [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.spans.read_ahead_spans)
                 for la in layers])
+        metric("soci_layer_prefetched_spans_total", "counter",
+               "Spans named by a layer's prefetch artifact, loaded after its mount.",
+               [(lab(layer=la.digest, ztoc=la.ztoc_digest), la.prefetched_spans)
+                for la in layers])
         metric("soci_span_jobs_pending", "gauge",
                "Span jobs (read-ahead, inflates, disk-cache writes) queued or running.",
                [("", sum(w.pending for w in {id(la.spans.workers): la.spans.workers

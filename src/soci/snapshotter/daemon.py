@@ -25,7 +25,7 @@ from soci.containerd.api import snapshots_pb2_grpc
 from soci.errors import SociError
 from soci.fsutil import PRIVATE_DIR, PRIVATE_UMASK, make_dirs
 from soci.registry import CredentialStore
-from soci.serve.background import BackgroundFetcher
+from soci.serve.background import BackgroundFetcher, Prefetcher
 from soci.serve.core import serving_core
 from soci.serve.fusefs import serve_until_signal
 from soci.serve.metrics import serve_http
@@ -76,6 +76,10 @@ def serve(config: SnapshotterConfig, debug_fuse: bool = False) -> None:
         store = stack.enter_context(LocalStore(root))
         fs, metrics = serving_core(store_cfg, store, CredentialStore())
         manager = fs.manager
+        if store_cfg.prefetch.enable:  # before restore(): restored layers prefetch too
+            prefetcher = Prefetcher(manager, store_cfg.prefetch.max_concurrency)
+            manager.on_mount = prefetcher
+            stack.callback(prefetcher.stop)
         options = {"fsname=soci-snapshotter", "subtype=soci", "allow_other",
                    "default_permissions"}
         if debug_fuse:

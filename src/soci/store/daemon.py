@@ -21,7 +21,7 @@ from soci.artifacts.store import RootLock, secure_root
 from soci.errors import SociError
 from soci.fsutil import PRIVATE_UMASK
 from soci.registry import CredentialStore
-from soci.serve.background import BackgroundFetcher
+from soci.serve.background import BackgroundFetcher, Prefetcher
 from soci.serve.core import serving_core
 from soci.serve.fusefs import serve_until_signal
 from soci.serve.metrics import serve_http
@@ -52,6 +52,10 @@ def serve(mountpoint: str, config: StoreConfig, debug_fuse: bool = False,
         stack.callback(serve_credentials(socket_path, keychain).close)
         fs, metrics = serving_core(config, store, keychain)
         manager = fs.manager
+        if config.prefetch.enable:
+            prefetcher = Prefetcher(manager, config.prefetch.max_concurrency)
+            manager.on_mount = prefetcher
+            stack.callback(prefetcher.stop)
         options = {"fsname=soci-store", "subtype=soci", "allow_other", "default_permissions"}
         if debug_fuse:
             options.add("debug")
