@@ -9,6 +9,10 @@ would); soci-store starts with an empty root, discovers the index through the
 referrers tag, and podman pulls + runs with it as an Additional Layer Store.
 Each variant runs --repeat times from cold; medians are compared.
 
+``--prefetch`` adds a third variant, run in the same rounds: the image under another name
+whose SOCI index carries prefetch artifacts for the workload's files (``soci create
+--prefetch-file``), served by a soci-store with ``[prefetch] enable = true``.
+
 ``--compression zstd`` makes the big layer a zstd layer of many frames (pzstd's frames, its
 skippable headers dropped so that skopeo keeps it as zstd) from the same tar.
 """
@@ -105,6 +109,8 @@ def main() -> None:
     parser.add_argument("--bandwidth", type=float, default=25.0, help="MB/s")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--compression", choices=("gzip", "zstd"), default="gzip")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="also time an index whose prefetch artifacts name the workload")
     args = parser.parse_args()
     layer = Path(args.layer)
     layer = ensure_layer(layer)
@@ -125,12 +131,21 @@ def main() -> None:
                         "--dest-tls-verify=false", f"oci:{scratch / 'layout'}:v1",
                         f"docker://{reg.host}/big:v1"], check=True)
         build = scratch / "build"
-        for step_args in (["create", "-q"], ["push", "-q"]):
-            subprocess.run([soci, "--plain-http", "--root", str(build), *step_args,
-                            f"{reg.host}/big:v1"], check=True, stdout=subprocess.DEVNULL)
+        names = ["big"] + (["big-prefetch"] if args.prefetch else [])
+        wanted = [a for m in workload for a in ("--prefetch-file", "/" + m.name)]
+        for name in names:
+            if name != "big":
+                subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet",
+                                "--dest-tls-verify=false", f"oci:{scratch / 'layout'}:v1",
+                                f"docker://{reg.host}/{name}:v1"], check=True)
+            extra = wanted if name != "big" else []
+            for step_args in (["create", "-q", *extra], ["push", "-q"]):
+                subprocess.run([soci, "--plain-http", "--root", str(build), *step_args,
+                                f"{reg.host}/{name}:v1"], check=True, stdout=subprocess.DEVNULL)
         ref = f"{slow.host}/big:v1"
         expected = None
-        plain, lazy = [], []
+        plain, lazy, early = [], [], []
+        early_fetched = 0
         for i in range(args.repeat):
             with Podman(scratch / f"plain{i}", insecure_registries=[slow.host],
                         timeout=900) as podman:
@@ -147,6 +162,18 @@ def main() -> None:
                 assert "mounted lazily" in store.logs()
                 fetched = fetched_bytes(store.metrics_address)
             assert out == expected
+            if not args.prefetch:
+                continue
+            with StoreDaemon(scratch / f"proot{i}", scratch / f"pmnt{i}",
+                             extra_config="[prefetch]\nenable = true\n") as store, Podman(
+                scratch / f"prefetch{i}", additional_layer_store=str(store.mountpoint),
+                insecure_registries=[slow.host], timeout=900,
+            ) as podman:
+                elapsed, out = pull_and_run(podman, f"{slow.host}/big-prefetch:v1", command)
+                early.append(elapsed)
+                assert "prefetched" in store.logs()
+                early_fetched = fetched_bytes(store.metrics_address)
+            assert out == expected
         size = blob.stat().st_size
         total = sum(m.size for m in workload)
         print(f"## Lazy start: pull + run reading {len(workload)} files ({total / 1e6:.1f} MB) of "
@@ -158,6 +185,12 @@ def main() -> None:
         print(f"  ratio soci / plain                     {s / p:7.2f}x")
         print(f"layer bytes fetched by soci-store        {fetched / 1e6:7.1f} MB of "
               f"{size / 1e6:.0f} MB ({fetched / size:.1%})")
+        if early:
+            e = statistics.median(early)
+            print(f"  with prefetch of the workload's files  {e:7.2f} s")
+            rounds = ", ".join(f"{a / b:.2f}" for a, b in zip(early, lazy, strict=True))
+            print(f"  ratio prefetch / soci-store            {e / s:7.2f}x  (rounds: {rounds})")
+            print(f"  bytes fetched with prefetch            {early_fetched / 1e6:7.1f} MB")
 
 
 if __name__ == "__main__":
