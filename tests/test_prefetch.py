@@ -196,6 +196,13 @@ def test_create_writes_upstreams_artifacts_after_the_ztocs(tmp_path: Path, image
     assert plain_doc["layers"] == layers[:2]
     assert json.loads(soci(plain, "prefetch", "ls", "--json").stdout) == []
 
+    # Removing the index removes the artifacts no other index lists, with its zTOCs.
+    rm = soci(root, "index", "rm", index_digest).stdout
+    assert "and 2 zTOCs and 2 prefetch artifacts" in rm
+    for data in expected.values():
+        assert not (root / "content" / "blobs" / "sha256" / sha(data)[7:]).exists()
+    assert json.loads(soci(root, "prefetch", "ls", "--json").stdout) == []
+
 
 def test_prefetch_entrypoint_follows_path_and_links(tmp_path: Path, image: dict) -> None:
     """The test image's config runs ``/bin/sh`` (PATH /usr/bin:/bin); /bin/sh is a symlink

@@ -13,6 +13,7 @@ from soci.cli.output import listing
 from soci.errors import NotFoundError
 from soci.image.names import parse_image_name
 from soci.oci.descriptor import Platform
+from soci.prefetch.local import listed_prefetches, unused_prefetches
 
 
 @click.group()
@@ -105,12 +106,13 @@ def index_info(app: App, digest: str) -> None:
 @pass_app
 @one_line_errors
 def index_rm(app: App, digests: tuple[str, ...]) -> None:
-    """Remove SOCI indexes (and the zTOCs no remaining index uses); digests may be unique
-    prefixes."""
+    """Remove SOCI indexes (and the zTOCs and prefetch artifacts no remaining index uses);
+    digests may be unique prefixes."""
     store = app.store
     for digest in [app.resolve_digest(d, "SOCI index") for d in digests]:
         if store.db.index(digest) is None and not store.content.has_blob(digest):
             raise NotFoundError(f"no SOCI index {digest} in {store.root}")
+        prefetches = listed_prefetches(store, digest)
         orphans = store.db.remove_index(digest)
         for manifest_digest, index_digest in store.mappings.items():
             if index_digest == digest:
@@ -119,7 +121,12 @@ def index_rm(app: App, digests: tuple[str, ...]) -> None:
         store.content.delete_blob(digest)
         for z in orphans:
             store.content.delete_blob(z)
-        click.echo(f"removed {digest}" + (f" and {len(orphans)} zTOCs" if orphans else ""))
+        unused = unused_prefetches(store, prefetches)
+        for p in unused:
+            store.content.delete_blob(p)
+        extra = [f"{len(orphans)} zTOCs"] if orphans else []
+        extra += [f"{len(unused)} prefetch artifacts"] if unused else []
+        click.echo(f"removed {digest}" + (f" and {' and '.join(extra)}" if extra else ""))
 
 
 @click.command("rebuild-db")

@@ -69,3 +69,21 @@ def prefetch_info(store: LocalStore, digest: str) -> tuple[PrefetchEntry, Prefet
         raise NotFoundError(f"{digest} is not a prefetch artifact of any SOCI index in "
                             f"{store.root}")
     return entry, _read(store, digest, entry.size)
+
+
+def listed_prefetches(store: LocalStore, index_digest: str) -> list[str]:
+    """The prefetch artifacts one stored SOCI index lists (none if it is missing or
+    unreadable): what removing that index may leave behind."""
+    if not store.content.has_blob(index_digest):
+        return []
+    try:
+        index = SociIndex.parse(store.content.read_blob(index_digest))
+    except SociError:
+        return []
+    return [desc.digest for desc in index.prefetches()]
+
+
+def unused_prefetches(store: LocalStore, digests: list[str]) -> list[str]:
+    """Those of ``digests`` that no SOCI index in the store lists any more."""
+    still = {e.digest for e in list_prefetch_artifacts(store)}
+    return [d for d in dict.fromkeys(digests) if d not in still]
