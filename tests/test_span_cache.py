@@ -237,3 +237,42 @@ def test_the_daemon_sets_the_mounts_read_ahead(tmp_path: Path) -> None:
         while knob.read_text().strip() != "2048":  # set once the mount answers
             assert time.monotonic() < deadline, daemon.logs()[-2000:]
             time.sleep(0.05)
+
+
+def test_a_cold_small_file_late_in_its_span_inflates_only_its_prefix_first(tmp_path: Path
+                                                                          ) -> None:
+    """A container opening one small file that sits past the middle of a large span waits
+    for the span's prefix up to the file's end, not for the whole span: the rest is a
+    worker's job. (No worker threads here, so what the reader did is all there is.)"""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, size in [("big", 1_500_000), ("small", 5_000), ("after", 1_200_000)]:
+            data = (hashlib.shake_256(name.encode()).digest(size // 3) + b"line\n" * size)[:size]
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tf.addfile(info, io.BytesIO(data))
+    tar = buf.getvalue()
+    path = tmp_path / "layer.tar.gz"
+    path.write_bytes(gzip.compress(tar, compresslevel=6, mtime=0))
+    with open(path, "rb") as f:
+        ztoc = build_ztoc(f, span_size=4 << 20).ztoc
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        offset, size = next((m.offset_data, m.size) for m in tf if m.name == "small")
+    workers = Workers(0, depth=64)
+    spans = _manager(ztoc, _Registry(path), tmp_path / "cache", memory=64 << 20,
+                     workers=workers)
+    assert spans.spans == 1
+    full = len(tar)
+    assert offset + size > full // 2  # past the middle: once inflated whole
+    got = spans.read(offset, size, offset + size)
+    assert got == tar[offset : offset + size]
+    held = spans.memory.peek((spans.owner, 0, 0))
+    step = spans.PREFIX_STEP
+    assert held is not None and len(held) == -(-(offset + size) // step) * step < full
+    assert held == tar[: len(held)]
+    while not workers._queue.empty():  # the worker's share: the whole span, then its write
+        workers._queue.get_nowait()()
+    whole = spans.memory.peek((spans.owner, 0, 0))
+    assert whole is not None and len(whole) > len(held) and whole == tar[: len(whole)]
+    assert spans.read(offset + size, 4096, offset + size + 4096) == tar[
+        offset + size : offset + size + 4096]

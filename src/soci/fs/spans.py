@@ -146,6 +146,7 @@ class SpanManager:
         self._loading: dict[int, threading.Event] = {}  # spans being loaded (single flight)
         self._landing: set[int] = set()  # verified spans whose disk-cache write is pending
         self._background: set[int] = set()  # spans the background fetch already fetched once
+        self._names: list[str | None] = [None] * self.spans  # disk cache names, made once
         self._run_start = -1  # where the reader's current in-order run of spans began
         self._last_span = -2  # the last span of the latest read
         self.bytes_fetched = 0
@@ -168,7 +169,12 @@ class SpanManager:
         return hi - lo > self.WHOLE_SPAN_MAX
 
     def _disk_name(self, span: int) -> str:
-        return inflated_name(self.key, self.ztoc_digest, span, self.ztoc.span_digests[span])
+        """The span's inflated disk cache name (a sha256: made once per span, not per use)."""
+        name = self._names[span]
+        if name is None:
+            name = inflated_name(self.key, self.ztoc_digest, span, self.ztoc.span_digests[span])
+            self._names[span] = name
+        return name
 
     def _held(self, span: int) -> bool:
         """Whether the span is on disk (the disk cache says, nobody else): inflated, or
@@ -336,10 +342,14 @@ class SpanManager:
         lo, hi = self._uncompressed_range(span)
         full = hi - lo
         try:
-            if ahead == span and need < full // 2 and not isinstance(self.zinfo, TarZinfo):
-                # A small first read (a small file ending in this span): inflate only what
-                # it needs now, the rest of the span on a worker (readers of the rest wait
-                # for that, so the span is inflated twice at most, once whole).
+            if ahead == span and not isinstance(self.zinfo, TarZinfo) and (
+                    need < full // 2
+                    or (self._run_start == span and need <= full - self.PREFIX_STEP)):
+                # A first read of a file ending in this span, in its first half or out of
+                # order (a container opening one small file): inflate only what it needs
+                # now, the rest of the span on a worker (readers of the rest wait for that,
+                # so the span is inflated twice at most, once whole). A reader going in
+                # order through the layer gets the whole span at once instead.
                 length = min(full, -(-need // self.PREFIX_STEP) * self.PREFIX_STEP)
                 prefix = self._inflate(span, comp, 0, length)
                 self.memory.put((self.owner, span, 0), prefix)
