@@ -56,7 +56,8 @@ class Workers:
 
     Two lanes: fetch and inflate jobs (``urgent``, what a reader may be waiting for) are
     always taken before disk-cache writes (what nobody waits for), so a write of span N
-    never sits in front of the inflate of span N+1 on a busy machine. Each lane is
+    never sits in front of the inflate of span N+1 on a busy machine, and one thread is
+    always left for the urgent lane (a slow disk never holds up inflates). Each lane is
     bounded (a job holds at most one span, compressed or inflated): a full lane drops
     read-ahead (it is only a hint) and runs what must happen on the caller's thread."""
 
@@ -68,6 +69,8 @@ class Workers:
         self._work = threading.Condition(lock)  # a job was queued
         self._idle = threading.Condition(lock)  # the last unfinished job finished
         self._unfinished = 0
+        self._writers = 0  # threads running a job of the later lane
+        self._max_writers = max(1, threads - 1)
         self._threads = [threading.Thread(target=self._run, name=f"soci-span-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -99,10 +102,16 @@ class Workers:
 
     def _run(self) -> None:
         urgent, later = self._lanes
+
+        def ready() -> bool:
+            return bool(urgent) or (bool(later) and self._writers < self._max_writers)
+
         while True:
             with self._work:
-                self._work.wait_for(lambda: urgent or later)
-                job = urgent.popleft() if urgent else later.popleft()
+                self._work.wait_for(ready)
+                writer = not urgent
+                job = later.popleft() if writer else urgent.popleft()
+                self._writers += writer
             try:
                 job()
             except Exception:
@@ -110,6 +119,9 @@ class Workers:
             finally:
                 with self._idle:
                     self._unfinished -= 1
+                    self._writers -= writer
+                    if writer and later:
+                        self._work.notify()  # a thread waiting for its turn to write
                     if not self._unfinished:
                         self._idle.notify_all()
 
@@ -126,11 +138,12 @@ def drain_workers(timeout: float) -> bool:
 
 
 def shared_workers() -> Workers:
-    """The process's span workers (one per core, at least two), started on first use."""
+    """The process's span workers, started on first use: one per core (at least two) to
+    inflate, and one more, since a read-ahead job waits for its fetch on a worker."""
     global _workers
     with _workers_lock:
         if _workers is None:
-            _workers = Workers(max(2, os.cpu_count() or 2))
+            _workers = Workers(max(2, os.cpu_count() or 2) + 1)
         return _workers
 
 
