@@ -390,6 +390,10 @@ class SpanManager:
             self._done(span)
             raise
         self.memory.put((self.owner, span, 0), data)
+        if self.memory.peek((self.owner, span, 0)) is not data:
+            self._store(span, data)  # waiters will find it on disk, not in memory
+            self._done(span)
+            return data
         self._done(span)
         self._store_later(span, data)
         return data
@@ -406,12 +410,14 @@ class SpanManager:
             self._done(span)
             return
         if keep:
-            # Waiters go as soon as the span is in memory; the disk write (a checksum and
-            # a copy into the page cache) waits behind any inflate a reader may want.
             self.memory.put((self.owner, span, 0), data)
-            self._done(span)
-            self._store_later(span, data)
-            return
+            if self.memory.peek((self.owner, span, 0)) is data:
+                # Waiters go as soon as the span is in memory; its disk write (a checksum
+                # and a copy into the page cache) waits behind any inflate a reader wants.
+                self._done(span)
+                self._store_later(span, data)
+                return
+        # Not in memory (too small a memory cache): waiters find it on disk.
         self._store(span, data)
         self._done(span)
 
