@@ -185,6 +185,7 @@ class SpanManager:
         self._background: set[int] = set()  # spans the background fetch already fetched once
         self._run_start = -1  # where the reader's current in-order run of spans began
         self._last_span = -2  # the last span of the latest read
+        self._scanning = False  # whether the latest read continued a scan (see _ahead)
         self.bytes_fetched = 0
         self.fetches = 0
         self.verify_failures = 0
@@ -300,6 +301,7 @@ class SpanManager:
                 self._run_start = first
             in_order = last - self._run_start >= self.SCAN_SPANS
             self._last_span = last
+            self._scanning = in_order
         ahead = max(last, self.zinfo.span_of(max(min(ahead_to, self.ztoc.uncompressed_size) - 1,
                                                  0)))
         if in_order:
@@ -455,6 +457,11 @@ class SpanManager:
             first += 1
         if first > ahead:
             return
+        if self._scanning:
+            # A scan refills its read-ahead in batches, up to MAX_AHEAD spans ahead in one
+            # request, rather than one request per span the reader passes: what a registry
+            # costs per span is mostly its answer's latency, not the bytes.
+            ahead = min(max(ahead, last + self.MAX_AHEAD), self.spans - 1)
         run = self._claim(first, ahead)
         if not run:
             return
