@@ -11,7 +11,12 @@ reader has its bytes, on a worker thread.
 The spans after a read, to the end of the file it reads (and READ_AHEAD spans further for a
 reader that has gone through SCAN_SPANS spans in order), are fetched with one request,
 verified and inflated ahead of the reader on worker threads (the native inflate releases
-the GIL, so both cores work), at most MAX_AHEAD spans ahead.
+the GIL, so both cores work), at most MAX_AHEAD spans ahead; a scan refills that window in
+batches, one request per few spans (a registry's cost per request is mostly latency). The
+workers take fetches and inflates before disk-cache writes, and a span's waiters go as
+soon as it is in memory. Memory: one run's response body (at most MAX_AHEAD + 1 spans,
+compressed; the verified spans are views of it) per load, the memory cache's bound, and at
+most ``later_depth`` inflated spans waiting for their disk write.
 
 Inflated bytes are cached in memory under the zTOC's digest (what they depend on), and a
 span too long to hold whole (a zTOC may have few checkpoints) is inflated only in aligned
