@@ -35,5 +35,6 @@ cdef extern from "zlib.h" nogil:
     int inflate(z_streamp strm, int flush)
     int inflateEnd(z_streamp strm)
     int inflateReset2(z_streamp strm, int window_bits)
+    uLong crc32_z(uLong crc, const unsigned char *buf, size_t len)
     int inflatePrime(z_streamp strm, int bits, int value)
     int inflateSetDictionary(z_streamp strm, const Bytef *dictionary, uInt length)

@@ -11,7 +11,12 @@ reader has its bytes, on a worker thread.
 The spans after a read, to the end of the file it reads (and READ_AHEAD spans further for a
 reader that has gone through SCAN_SPANS spans in order), are fetched with one request,
 verified and inflated ahead of the reader on worker threads (the native inflate releases
-the GIL, so both cores work), at most MAX_AHEAD spans ahead.
+the GIL, so both cores work), at most MAX_AHEAD spans ahead; a scan refills that window in
+batches, one request per few spans (a registry's cost per request is mostly latency). The
+workers take fetches and inflates before disk-cache writes, and a span's waiters go as
+soon as it is in memory. Memory: one run's response body (at most MAX_AHEAD + 1 spans,
+compressed; the verified spans are views of it) per load, the memory cache's bound, and at
+most ``later_depth`` inflated spans waiting for their disk write.
 
 Inflated bytes are cached in memory under the zTOC's digest (what they depend on), and a
 span too long to hold whole (a zTOC may have few checkpoints) is inflated only in aligned
@@ -22,11 +27,12 @@ the disk cache holds: it is the one record of fetched spans.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from soci._native.zran import inflate_range
@@ -34,12 +40,15 @@ from soci._native.zstdframes import decompress_range
 from soci.errors import DigestMismatchError, LayerFormatError
 from soci.fs.cache import DiskCache, MemoryCache, inflated_name
 from soci.ztoc import GzipZinfo, TarZinfo, ZstdZinfo, Ztoc, zinfo_of
-from soci.ztoc.extract import SpanMismatch, split_verified
+from soci.ztoc.extract import SpanMismatch
 
 log = logging.getLogger("soci.spans")
 
 #: Fetches compressed bytes [start, end) of the layer blob.
 RangeFetcher = Callable[[int, int], bytes]
+
+#: Verified compressed bytes of a span: a view of the response body it came in, or bytes.
+Comp = bytes | memoryview
 
 #: What a read answers: bytes, or a view of a cached span (no copy; FUSE takes either).
 Data = bytes | bytearray | memoryview
@@ -48,46 +57,78 @@ Data = bytes | bytearray | memoryview
 class Workers:
     """A few daemon threads running span jobs (read-ahead, finishing inflates, disk
     writes) off the readers' threads; daemon threads, so a stalled registry request never
-    holds up the daemon's exit. The queue is bounded (each job holds at most one span's
-    compressed bytes): a full queue drops read-ahead (it is only a hint) and runs what must
-    happen on the caller's thread instead."""
+    holds up the daemon's exit.
 
-    def __init__(self, threads: int, depth: int = 32) -> None:
-        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(depth)
+    Two lanes: fetch and inflate jobs (``urgent``, what a reader may be waiting for) are
+    always taken before disk-cache writes (what nobody waits for), so a write of span N
+    never sits in front of the inflate of span N+1 on a busy machine, and one thread is
+    always left for the urgent lane (a slow disk never holds up inflates). Each lane is
+    bounded (a job holds at most one span, compressed or inflated): a full lane drops
+    read-ahead (it is only a hint) and runs what must happen on the caller's thread."""
+
+    def __init__(self, threads: int, depth: int = 32, later_depth: int = 16) -> None:
+        self._depths = (depth, later_depth)
+        self._lanes: tuple[deque[Callable[[], None]], deque[Callable[[], None]]] = (
+            deque(), deque())
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # a job was queued
+        self._idle = threading.Condition(lock)  # the last unfinished job finished
+        self._unfinished = 0
+        self._writers = 0  # threads running a job of the later lane
+        self._max_writers = max(1, threads - 1)
         self._threads = [threading.Thread(target=self._run, name=f"soci-span-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
             t.start()
 
-    def submit(self, job: Callable[[], None]) -> bool:
-        """Queue ``job``; False when the queue is full (the caller decides what then)."""
-        try:
-            self._queue.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
+    def submit(self, job: Callable[[], None], urgent: bool = True) -> bool:
+        """Queue ``job`` (in the urgent lane, or behind it); False when its lane is full
+        (the caller decides what then)."""
+        which = 0 if urgent else 1
+        lane = self._lanes[which]
+        with self._work:
+            if len(lane) >= self._depths[which]:
+                return False
+            lane.append(job)
+            self._unfinished += 1
+            self._work.notify()
+        return True
 
     @property
     def pending(self) -> int:
         """Jobs queued or running (disk-cache writes among them)."""
-        return self._queue.unfinished_tasks
+        return self._unfinished
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every job queued so far (and any they queued) has run; False if
         ``timeout`` seconds passed first."""
-        done = self._queue.all_tasks_done
-        with done:
-            return done.wait_for(lambda: not self._queue.unfinished_tasks, timeout)
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._unfinished, timeout)
 
     def _run(self) -> None:
+        urgent, later = self._lanes
+
+        def ready() -> bool:
+            return bool(urgent) or (bool(later) and self._writers < self._max_writers)
+
         while True:
-            job = self._queue.get()
+            with self._work:
+                self._work.wait_for(ready)
+                writer = not urgent
+                job = later.popleft() if writer else urgent.popleft()
+                self._writers += writer
             try:
                 job()
             except Exception:
                 log.exception("span worker: job failed")
             finally:
-                self._queue.task_done()
+                with self._idle:
+                    self._unfinished -= 1
+                    self._writers -= writer
+                    if writer and later:
+                        self._work.notify()  # a thread waiting for its turn to write
+                    if not self._unfinished:
+                        self._idle.notify_all()
 
 
 _workers: Workers | None = None
@@ -102,11 +143,12 @@ def drain_workers(timeout: float) -> bool:
 
 
 def shared_workers() -> Workers:
-    """The process's span workers (one per core, at least two), started on first use."""
+    """The process's span workers, started on first use: one per core (at least two) to
+    inflate, and one more, since a read-ahead job waits for its fetch on a worker."""
     global _workers
     with _workers_lock:
         if _workers is None:
-            _workers = Workers(max(2, os.cpu_count() or 2))
+            _workers = Workers(max(2, os.cpu_count() or 2) + 1)
         return _workers
 
 
@@ -142,13 +184,14 @@ class SpanManager:
         self.spans = ztoc.span_count
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}  # huge spans being fetched
-        self._fresh: dict[int, bytes] = {}  # verified compressed huge spans not yet inflated
+        self._fresh: dict[int, Comp] = {}  # verified compressed huge spans not yet inflated
         self._loading: dict[int, threading.Event] = {}  # spans being loaded (single flight)
         self._landing: set[int] = set()  # verified spans whose disk-cache write is pending
         self._background: set[int] = set()  # spans the background fetch already fetched once
         self._names: list[str | None] = [None] * self.spans  # disk cache names, made once
         self._run_start = -1  # where the reader's current in-order run of spans began
         self._last_span = -2  # the last span of the latest read
+        self._scanning = False  # whether the latest read continued a scan (see _ahead)
         self.bytes_fetched = 0
         self.fetches = 0
         self.verify_failures = 0
@@ -269,6 +312,7 @@ class SpanManager:
                 self._run_start = first
             in_order = last - self._run_start >= self.SCAN_SPANS
             self._last_span = last
+            self._scanning = in_order
         ahead = max(last, self.zinfo.span_of(max(min(ahead_to, self.ztoc.uncompressed_size) - 1,
                                                  0)))
         if in_order:
@@ -363,12 +407,15 @@ class SpanManager:
             self._done(span)
             raise
         self.memory.put((self.owner, span, 0), data)
+        if self.memory.peek((self.owner, span, 0)) is not data:
+            self._store(span, data)  # waiters will find it on disk, not in memory
+            self._done(span)
+            return data
         self._done(span)
-        if not self.workers.submit(lambda: self._store(span, data)):
-            self._store(span, data)
+        self._store_later(span, data)
         return data
 
-    def _finish(self, span: int, comp: bytes, keep: bool) -> None:
+    def _finish(self, span: int, comp: Comp, keep: bool) -> None:
         """Inflate a verified span whole, keep it (in memory if ``keep``, on disk), and let
         its waiters go; on a worker thread."""
         try:
@@ -381,8 +428,24 @@ class SpanManager:
             return
         if keep:
             self.memory.put((self.owner, span, 0), data)
+            if self.memory.peek((self.owner, span, 0)) is data:
+                # Waiters go as soon as the span is in memory; its disk write (a checksum
+                # and a copy into the page cache) waits behind any inflate a reader wants.
+                self._done(span)
+                self._store_later(span, data)
+                return
+        # Not in memory (too small a memory cache): waiters find it on disk.
         self._store(span, data)
         self._done(span)
+
+    def _store_later(self, span: int, data: bytes | bytearray) -> None:
+        """Write the span to the disk cache on a worker once no fetch or inflate is
+        queued (on this thread if that lane is full: the bound on inflated spans
+        waiting for their write)."""
+        if self.disk is None:
+            self._landed(span)
+        elif not self.workers.submit(lambda: self._store(span, data), urgent=False):
+            self._store(span, data)
 
     def _store(self, span: int, data: bytes | bytearray) -> None:
         try:
@@ -409,6 +472,11 @@ class SpanManager:
             first += 1
         if first > ahead:
             return
+        if self._scanning:
+            # A scan refills its read-ahead in batches, up to MAX_AHEAD spans ahead in one
+            # request, rather than one request per span the reader passes: what a registry
+            # costs per span is mostly its answer's latency, not the bytes.
+            ahead = min(max(ahead, last + self.MAX_AHEAD), self.spans - 1)
         run = self._claim(first, ahead)
         if not run:
             return
@@ -434,12 +502,12 @@ class SpanManager:
             for s in run:
                 self._done(s)
 
-    def _inflate(self, span: int, comp: bytes, skip: int, length: int) -> bytes | bytearray:
+    def _inflate(self, span: int, comp: Comp, skip: int, length: int) -> bytes | bytearray:
         """Bytes [skip, skip+length) of a span from its verified compressed bytes: the one
         place a span is decoded (a codec plugs in here)."""
         self.inflates += 1
         if isinstance(self.zinfo, TarZinfo):
-            return comp[skip : skip + length]
+            return bytes(comp[skip : skip + length])
         out = bytearray(length)
         if isinstance(self.zinfo, ZstdZinfo):
             # A zstd span starts on a frame start: no window or bits to prime.
@@ -482,7 +550,7 @@ class SpanManager:
         joined = got[0] if len(got) == 1 else b"".join(got)
         return joined[want_lo - first : want_hi - first]
 
-    def _compressed(self, span: int) -> bytes:
+    def _compressed(self, span: int) -> Comp:
         with self._lock:
             fresh = self._fresh.pop(span, None)
         if fresh is not None:
@@ -551,7 +619,24 @@ class SpanManager:
         for event in waits:
             event.wait()
 
-    def _fetch_verified(self, first: int, last: int) -> dict[int, bytes]:
+    def _split_verified(self, blob: bytes, base: int, first: int, last: int
+                        ) -> dict[int, memoryview]:
+        """Cut a response body starting at compressed offset ``base`` into spans
+        first..last, each checked against its span digest before anyone sees it
+        (``SpanMismatch`` names the first that is not). The spans are views of the one
+        body, not copies: it lives until the last of them is inflated (a run is at most
+        MAX_AHEAD + 1 spans)."""
+        view = memoryview(blob)
+        out: dict[int, memoryview] = {}
+        for span in range(first, last + 1):
+            piece = view[self.zinfo.compressed_start(span) - base
+                         : self.zinfo.compressed_end(span) - base]
+            if "sha256:" + hashlib.sha256(piece).hexdigest() != self.ztoc.span_digests[span]:
+                raise SpanMismatch(span)
+            out[span] = piece
+        return out
+
+    def _fetch_verified(self, first: int, last: int) -> dict[int, Comp]:
         start = self.zinfo.compressed_start(first)
         end = self.zinfo.compressed_end(last)
         for attempt in (1, 2):
@@ -559,7 +644,7 @@ class SpanManager:
             self.fetches += 1
             self.bytes_fetched += len(blob)
             try:
-                return split_verified(self.ztoc, self.zinfo, blob, start, first, last)
+                return self._split_verified(blob, start, first, last)
             except SpanMismatch as e:
                 bad = e.span
             self.verify_failures += 1
