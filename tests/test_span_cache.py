@@ -19,29 +19,11 @@ import pytest
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fs.spans import SpanManager, Workers
 from soci.ztoc import build_ztoc
+from spanlayers import gzip_layer, read_in_order
 
 SPAN = 64 << 10
 LAYER = "sha256:" + "a" * 64
 ZTOC = "sha256:" + "b" * 64
-
-
-def _layer(tmp: Path) -> tuple[Path, bytes, dict[str, tuple[int, int]]]:
-    """A gzip layer of files that gzip shrinks a little; its path, its tar, and where each
-    file's bytes sit in the tar (offset, size)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for i, size in enumerate([300_000, 5_000, 700_000, 12_000, 200_000, 9_000]):
-            noise = hashlib.shake_256(f"file{i}".encode()).digest(size // 2)
-            data = (noise + b"text line\n" * size)[:size]
-            info = tarfile.TarInfo(f"f{i}")
-            info.size = size
-            tf.addfile(info, io.BytesIO(data))
-    tar = buf.getvalue()
-    path = tmp / "layer.tar.gz"
-    path.write_bytes(gzip.compress(tar, compresslevel=6, mtime=0))
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        where = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
-    return path, tar, where
 
 
 class _Registry:
@@ -63,7 +45,8 @@ class _Registry:
 
 @pytest.fixture
 def layer(tmp_path: Path):
-    path, tar, where = _layer(tmp_path)
+    path = tmp_path / "layer.tar.gz"
+    tar, where = gzip_layer(path, [300_000, 5_000, 700_000, 12_000, 200_000, 9_000])
     with open(path, "rb") as f:
         ztoc = build_ztoc(f, span_size=SPAN).ztoc
     return path, tar, where, ztoc
@@ -76,37 +59,25 @@ def _manager(ztoc, fetch, cache_dir: Path, *, memory: int = 0, disk: int = 1 << 
                        ztoc_digest, workers or Workers(2))
 
 
-def _read_all(spans: SpanManager, tar: bytes, where: dict[str, tuple[int, int]]) -> None:
-    for name, (offset, size) in where.items():
-        at = 0
-        while at < size:
-            n = min(128 << 10, size - at)
-            got = spans.read_cached(offset + at, n, offset + size)
-            if got is None:
-                got = spans.read(offset + at, n, offset + size)
-            assert got == tar[offset + at : offset + at + n], name
-            at += n
-
-
 def test_a_disk_cache_hit_is_not_fetched_verified_or_inflated_again(layer, tmp_path: Path
                                                                     ) -> None:
     path, tar, where, ztoc = layer
     registry = _Registry(path)
     workers = Workers(2)
     spans = _manager(ztoc, registry, tmp_path / "cache", workers=workers)  # no memory cache
-    _read_all(spans, tar, where)
+    read_in_order(spans, tar, where)
     workers.wait_idle()
     assert ztoc.span_count > 8
     fetched, inflated = len(registry.ranges), spans.inflates
     assert spans.held_spans == spans.fetched_fraction * ztoc.span_count > 0
-    _read_all(spans, tar, where)
-    _read_all(spans, tar, where)
+    read_in_order(spans, tar, where)
+    read_in_order(spans, tar, where)
     assert (len(registry.ranges), spans.inflates) == (fetched, inflated)
     assert spans.disk is not None and spans.disk.inflated_hits > 0
     # A restarted daemon (a new cache object over the same directory) checks each file
     # once, then reads it without inflating either.
     again = _manager(ztoc, registry, tmp_path / "cache", workers=workers)
-    _read_all(again, tar, where)
+    read_in_order(again, tar, where)
     assert (len(registry.ranges), again.inflates) == (fetched, 0)
     for p in (tmp_path / "cache").iterdir():
         assert p.stat().st_mode & 0o777 == 0o600
@@ -118,7 +89,7 @@ def test_a_foreign_or_tampered_cache_file_is_never_served(layer, tmp_path: Path)
     registry = _Registry(path)
     workers = Workers(2)
     cache = tmp_path / "cache"
-    _read_all(_manager(ztoc, registry, cache, workers=workers), tar, where)
+    read_in_order(_manager(ztoc, registry, cache, workers=workers), tar, where)
     workers.wait_idle()
     files = sorted(cache.iterdir())
     fetched = len(registry.ranges)
@@ -137,7 +108,7 @@ def test_a_foreign_or_tampered_cache_file_is_never_served(layer, tmp_path: Path)
         p.write_bytes(bytes(data))
     files[0].write_bytes(files[0].read_bytes()[:100])
     again = _manager(ztoc, registry, cache, workers=workers)
-    _read_all(again, tar, where)
+    read_in_order(again, tar, where)
     assert again.disk is not None and again.disk.rejected >= len(files) > 0
     assert len(registry.ranges) > fetched
 
@@ -147,9 +118,9 @@ def test_the_disk_cache_keeps_to_disk_mb(layer, tmp_path: Path) -> None:
     bound = 3 * SpanManager.PREFIX_STEP  # a few spans' worth
     workers = Workers(2)
     spans = _manager(ztoc, _Registry(path), tmp_path / "cache", disk=bound, workers=workers)
-    _read_all(spans, tar, where)
+    read_in_order(spans, tar, where)
     workers.wait_idle()
-    _read_all(spans, tar, where)
+    read_in_order(spans, tar, where)
     workers.wait_idle()
     held = sum(p.stat().st_size for p in (tmp_path / "cache").iterdir())
     assert 0 < held <= bound and spans.disk is not None and spans.disk.size <= bound

@@ -7,10 +7,6 @@ test_store.py cover the same path end to end)."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import tarfile
 import threading
 from pathlib import Path
 
@@ -20,6 +16,7 @@ from soci.errors import DigestMismatchError
 from soci.fs.cache import DiskCache, MemoryCache
 from soci.fs.spans import SpanManager, Workers
 from soci.ztoc import build_ztoc, zinfo_of
+from spanlayers import gzip_layer, read_in_order
 
 SPAN = 64 << 10
 LAYER = "sha256:" + "c" * 64
@@ -29,35 +26,11 @@ ZTOC = "sha256:" + "d" * 64
 @pytest.fixture
 def layer(tmp_path: Path):
     """A gzip layer of a few files, its tar, where each file sits in it, and its zTOC."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for i, size in enumerate([900_000, 7_000, 600_000]):
-            noise = hashlib.shake_256(f"file{i}".encode()).digest(size // 2)
-            data = (noise + b"a line of text\n" * size)[:size]
-            info = tarfile.TarInfo(f"f{i}")
-            info.size = size
-            tf.addfile(info, io.BytesIO(data))
-    tar = buf.getvalue()
     path = tmp_path / "layer.tar.gz"
-    path.write_bytes(gzip.compress(tar, compresslevel=6, mtime=0))
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
-        where = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
+    tar, where = gzip_layer(path, [900_000, 7_000, 600_000], b"a line of text\n")
     with open(path, "rb") as f:
         ztoc = build_ztoc(f, span_size=SPAN).ztoc
     return path.read_bytes(), tar, where, ztoc
-
-
-def _scan(spans: SpanManager, tar: bytes, where: dict[str, tuple[int, int]]) -> None:
-    """Read every file in layer order in 128 KiB reads, as FUSE would, checking each."""
-    for name, (offset, size) in where.items():
-        at = 0
-        while at < size:
-            n = min(128 << 10, size - at)
-            got = spans.read_cached(offset + at, n, offset + size)
-            if got is None:
-                got = spans.read(offset + at, n, offset + size)
-            assert got == tar[offset + at : offset + at + n], name
-            at += n
 
 
 def test_disk_writes_wait_behind_fetches_and_inflates() -> None:
@@ -110,7 +83,7 @@ def test_a_span_is_served_from_memory_while_its_disk_write_waits(layer, tmp_path
 
     def scan() -> None:
         try:
-            _scan(spans, tar, where)
+            read_in_order(spans, tar, where)
         except BaseException as e:  # reported by the test thread
             failed.append(e)
         finally:
