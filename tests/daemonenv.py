@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Self
 
@@ -142,6 +143,18 @@ class Daemon:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def wait_for_span_jobs(self, timeout: float = 60) -> None:
+        """Until the daemon's span workers are idle: disk-cache writes come after the reads
+        that caused them return, so a test that looks at the cache directory waits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(f"http://{self.metrics_address}/metrics") as resp:
+                text = resp.read().decode()
+            if "\nsoci_span_jobs_pending 0\n" in text:
+                return
+            assert time.monotonic() < deadline, text
+            time.sleep(0.05)
 
 
 @atexit.register

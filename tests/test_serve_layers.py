@@ -198,6 +198,7 @@ def test_status_says_what_the_disk_cache_holds(env: dict, tmp_path: Path) -> Non
         diff = daemon.layer_dir(env["a"], digest) / "diff"
         for name, data in FILES.items():
             assert (diff / name).read_bytes() == data
+        daemon.wait_for_span_jobs()  # the disk cache is written after the reads return
         held = sum(p.stat().st_size for p in (small / "cache" / "spans").iterdir())
         layer = status(daemon)[0]
         assert held <= 1 << 20 and layer["fetched_bytes"] > 0.99 * size  # all but the header

@@ -105,7 +105,7 @@ def test_tree_matches_the_layer(env: dict, store: StoreDaemon) -> None:
 def test_reads_fetch_only_what_they_need(env: dict, store: StoreDaemon) -> None:
     diff = store.layer_dir(env["ref"], env["layer"]["digest"]) / "diff"
     assert (diff / "etc/config").read_bytes() == b"key=value\n"
-    _wait_for_span_jobs(store)  # the disk cache is written after the read returns
+    store.wait_for_span_jobs()  # the disk cache is written after the read returns
     cached = sum(p.stat().st_size for p in (env["root"] / "cache" / "spans").iterdir())
     assert 0 < cached < len(env["tar"]) / 3  # the disk cache holds inflated spans
     for name, data in BIG.items():
@@ -203,21 +203,6 @@ def test_faults_never_serve_wrong_bytes(env: dict, tmp_path: Path) -> None:
             assert daemon.proc is not None and daemon.proc.poll() is None
 
 
-def _wait_for_span_jobs(daemon: StoreDaemon) -> None:
-    """Until the daemon's span workers are idle (disk-cache writes done)."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while True:
-        with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as resp:
-            text = resp.read().decode()
-        if "\nsoci_span_jobs_pending 0\n" in text:
-            return
-        assert time.monotonic() < deadline, text
-        time.sleep(0.05)
-
-
 def test_restart_after_sigkill_reuses_the_disk_cache(env: dict, tmp_path: Path) -> None:
     with FaultProxy(env["registry"].host) as proxy:
         ref = f"{proxy.host}/rich:v1"
@@ -227,7 +212,7 @@ def test_restart_after_sigkill_reuses_the_disk_cache(env: dict, tmp_path: Path) 
             diff = first.layer_dir(ref, env["layer"]["digest"]) / "diff"
             for name, data in BIG.items():
                 assert (diff / name).read_bytes() == data
-            _wait_for_span_jobs(first)  # the disk cache is written after the reads return
+            first.wait_for_span_jobs()  # the disk cache is written after the reads return
             first.stop(signal.SIGKILL)
             assert is_mounted(tmp_path / "mnt")  # left stale by the crash
             # A torn write in the cache (the crash could have caused one) is never served.
@@ -259,6 +244,7 @@ def test_background_fetch_fills_the_layer(env: dict, tmp_path: Path) -> None:
         while "fully fetched in the background" not in daemon.logs():
             assert __import__("time").monotonic() < deadline, daemon.logs()[-2000:]
             __import__("time").sleep(0.1)
+        daemon.wait_for_span_jobs()  # the last spans' disk writes
         total = sum(p.stat().st_size for p in spans.iterdir())
         assert total >= env["layer"]["size"] * 0.9
 
