@@ -85,6 +85,17 @@ def fuse_counts(daemon: StoreDaemon) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (its threads included),
+    or by the whole machine when ``pid`` is None: how busy the two cores were."""
+    tick = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        return (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / tick  # not idle
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
@@ -181,7 +192,7 @@ def main() -> None:
             swap = run % 2 == 1
             if {"1", "2", "3"} & set(args.rows):
                 big_run(rows, profile, root, scratch, ref, digest, run, swap, args.config, names,
-                        local_paths, expected, layer, tar_mb)
+                        local_paths, expected, layer, tar_mb, reg.pid)
             if "4" in args.rows:
                 small_run(rows, members, zinfo, root, scratch, reg, digest, run, swap,
                           args.config)
@@ -217,7 +228,8 @@ def main() -> None:
 def big_run(rows: dict[str, list[float]], profile: dict[str, list[dict[str, float]]],
             root: Path, scratch: Path, ref: str, digest: str, run: int, swap: bool,
             config: str, names: list[str], local_paths: list[Path],
-            expected: dict[str, str], layer: Path, tar_mb: float) -> None:
+            expected: dict[str, str], layer: Path, tar_mb: float,
+            registry_pid: int | None) -> None:
     """Rows 1-3 for one run, through one fresh daemon."""
     run_root = fresh_root(root, scratch / f"run{run}")
     with StoreDaemon(run_root, scratch / f"mnt{run}",
@@ -227,13 +239,24 @@ def big_run(rows: dict[str, list[float]], profile: dict[str, list[dict[str, floa
         fuse_paths = [diff / n for n in names]
         mb = sum(p.stat().st_size for p in local_paths) / 1e6
 
+        pids = {"daemon": daemon.proc.pid if daemon.proc else None,
+                "registry": registry_pid}
+
         def counted(row: str, fn: Callable[[], float]) -> Callable[[], float]:
             def run() -> float:
                 before = fuse_counts(daemon)
+                cpu = {k: cpu_seconds(pid) for k, pid in pids.items() if pid}
+                machine = cpu_seconds()
                 t = fn()
+                machine = cpu_seconds() - machine
                 after = fuse_counts(daemon)
-                profile.setdefault(row, []).append(
-                    {k: after.get(k, 0) - before.get(k, 0) for k in after})
+                counts = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+                # How many cores were busy on average while this side ran, and whose.
+                counts["cores busy x100"] = 100 * machine / t
+                for k, pid in pids.items():
+                    if pid:
+                        counts[f"{k} cores x100"] = 100 * (cpu_seconds(pid) - cpu[k]) / t
+                profile.setdefault(row, []).append(counts)
                 return t
             return run
 

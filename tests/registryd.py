@@ -307,6 +307,11 @@ class Registry:
     def url(self) -> str:
         return f"{'https' if self._tls else 'http'}://{self.host}"
 
+    @property
+    def pid(self) -> int | None:
+        """The registry process's pid while it runs (benchmarks count its CPU time)."""
+        return self._proc.pid if self._proc is not None else None
+
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "version": "0.1",
