@@ -241,8 +241,7 @@ def test_a_cold_small_file_late_in_its_span_inflates_only_its_prefix_first(tmp_p
     step = spans.PREFIX_STEP
     assert held is not None and len(held) == -(-(offset + size) // step) * step < full
     assert held == tar[: len(held)]
-    while any(workers._lanes):  # the workers' share: the whole span, then its disk write
-        (workers._lanes[0] or workers._lanes[1]).popleft()()
+    workers.run_pending()  # the workers' share: the whole span, then its disk write
     whole = spans.memory.peek((spans.owner, 0, 0))
     assert whole is not None and len(whole) > len(held) and whole == tar[: len(whole)]
     assert spans.read(offset + size, 4096, offset + size + 4096) == tar[

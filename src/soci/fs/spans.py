@@ -27,7 +27,6 @@ the disk cache holds: it is the one record of fetched spans.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -40,7 +39,7 @@ from soci._native.zstdframes import decompress_range
 from soci.errors import DigestMismatchError, LayerFormatError
 from soci.fs.cache import DiskCache, MemoryCache, inflated_name
 from soci.ztoc import GzipZinfo, TarZinfo, ZstdZinfo, Ztoc, zinfo_of
-from soci.ztoc.extract import SpanMismatch
+from soci.ztoc.extract import SpanMismatch, split_verified
 
 log = logging.getLogger("soci.spans")
 
@@ -93,6 +92,24 @@ class Workers:
             self._unfinished += 1
             self._work.notify()
         return True
+
+    def run_pending(self) -> None:
+        """Run every queued job on the calling thread, urgent lane first, until both lanes
+        are empty: for a pool of no threads, where a test decides when background work
+        happens."""
+        urgent, later = self._lanes
+        while True:
+            with self._work:
+                if not urgent and not later:
+                    return
+                job = (urgent or later).popleft()
+            try:
+                job()
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    if not self._unfinished:
+                        self._idle.notify_all()
 
     @property
     def pending(self) -> int:
@@ -619,23 +636,6 @@ class SpanManager:
         for event in waits:
             event.wait()
 
-    def _split_verified(self, blob: bytes, base: int, first: int, last: int
-                        ) -> dict[int, memoryview]:
-        """Cut a response body starting at compressed offset ``base`` into spans
-        first..last, each checked against its span digest before anyone sees it
-        (``SpanMismatch`` names the first that is not). The spans are views of the one
-        body, not copies: it lives until the last of them is inflated (a run is at most
-        MAX_AHEAD + 1 spans)."""
-        view = memoryview(blob)
-        out: dict[int, memoryview] = {}
-        for span in range(first, last + 1):
-            piece = view[self.zinfo.compressed_start(span) - base
-                         : self.zinfo.compressed_end(span) - base]
-            if "sha256:" + hashlib.sha256(piece).hexdigest() != self.ztoc.span_digests[span]:
-                raise SpanMismatch(span)
-            out[span] = piece
-        return out
-
     def _fetch_verified(self, first: int, last: int) -> dict[int, Comp]:
         start = self.zinfo.compressed_start(first)
         end = self.zinfo.compressed_end(last)
@@ -644,7 +644,7 @@ class SpanManager:
             self.fetches += 1
             self.bytes_fetched += len(blob)
             try:
-                return self._split_verified(blob, start, first, last)
+                return split_verified(self.ztoc, self.zinfo, blob, start, first, last)
             except SpanMismatch as e:
                 bad = e.span
             self.verify_failures += 1

@@ -62,16 +62,20 @@ class SpanMismatch(DigestMismatchError):
 
 
 def split_verified(ztoc: Ztoc, zinfo: GzipZinfo | TarZinfo | ZstdZinfo, comp: bytes, base: int,
-                   first: int, last: int) -> dict[int, bytes]:
+                   first: int, last: int) -> dict[int, memoryview]:
     """Cut compressed bytes starting at offset ``base`` into spans first..last, each checked
-    against its span digest (``SpanMismatch`` names the first that is wrong)."""
+    against its span digest (``SpanMismatch`` names the first that is wrong).
+
+    The spans are views of ``comp``, not copies: a run of spans fetched in one response is
+    verified and inflated without copying it again, and lives until its last span is used.
+    """
     view = memoryview(comp)
-    out: dict[int, bytes] = {}
+    out: dict[int, memoryview] = {}
     for span in range(first, last + 1):
         piece = view[zinfo.compressed_start(span) - base : zinfo.compressed_end(span) - base]
         if "sha256:" + hashlib.sha256(piece).hexdigest() != ztoc.span_digests[span]:
             raise SpanMismatch(span)
-        out[span] = piece.tobytes()
+        out[span] = piece
     return out
 
 
