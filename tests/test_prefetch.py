@@ -198,10 +198,61 @@ def test_create_writes_upstreams_artifacts_after_the_ztocs(tmp_path: Path, image
 
     # Removing the index removes the artifacts no other index lists, with its zTOCs.
     rm = soci(root, "index", "rm", index_digest).stdout
-    assert "and 2 zTOCs and 2 prefetch artifacts" in rm
+    assert f"removed {index_digest} and 2 zTOCs\n" in rm
+    assert "removed 2 prefetch artifacts no index lists" in rm
     for data in expected.values():
         assert not (root / "content" / "blobs" / "sha256" / sha(data)[7:]).exists()
     assert json.loads(soci(root, "prefetch", "ls", "--json").stdout) == []
+
+
+def test_index_rm_keeps_shared_artifacts_and_cleans_up_once(tmp_path: Path,
+                                                            image: dict) -> None:
+    """Two indexes of one image share the artifact for data/a.bin. Removing one keeps it;
+    removing both in one command removes it; a digest given twice is removed once; a
+    missing digest after a removed one fails, yet the removed one's artifacts still go."""
+    root = tmp_path / "root"
+    ref = f"oci:{image['layout']}:v1"
+    base = ("create", "--min-layer-size", "0", "--span-size", str(SPAN),
+            "--prefetch-file", "/data/a.bin")
+
+    def create(*more: str) -> tuple[str, set[str]]:
+        soci(root, *base, *more, ref)
+        digest, raw = index_of(root, image["manifest"])
+        return digest, {la["digest"] for la in json.loads(raw)["layers"]
+                        if la["mediaType"] == PREFETCH}
+
+    def present(digest: str) -> bool:
+        return (root / "content" / "blobs" / "sha256" / digest[7:]).exists()
+
+    a, a_arts = create()
+    b, b_arts = create("--prefetch-file", "/data/old.bin")
+    shared = sha(artifact_json([spans_of(image["lower"], "data/a.bin")]))
+    assert a != b and a_arts == {shared} and shared in b_arts and len(b_arts) == 2
+
+    # One of the two removed: the shared artifact stays, listed by the other alone.
+    rm = soci(root, "index", "rm", a[:19]).stdout
+    assert rm == f"removed {a}\n"  # zTOCs and artifact still used by b
+    assert present(shared)
+    listed = json.loads(soci(root, "prefetch", "ls", "--json").stdout)
+    assert {e["digest"]: e["indexes"] for e in listed} == {d: [b] for d in b_arts}
+
+    # Both in one command (the first given twice): every artifact goes.
+    assert create() == (a, a_arts)
+    rm = soci(root, "index", "rm", a, b, a[7:19]).stdout
+    assert rm.splitlines() == [f"removed {a}", f"removed {b} and 2 zTOCs",
+                               "removed 2 prefetch artifacts no index lists"]
+    assert not any(present(d) for d in a_arts | b_arts)
+    assert json.loads(soci(root, "prefetch", "ls", "--json").stdout) == []
+
+    # A missing digest after a removed one: one-line error, the first's artifact gone.
+    assert create() == (a, a_arts)
+    missing = "sha256:" + "0" * 64
+    out = soci(root, "index", "rm", a, missing, ok=False)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1
+    assert f"no SOCI index {missing}" in out.stderr
+    assert out.stdout.splitlines() == [f"removed {a} and 2 zTOCs",
+                                       "removed 1 prefetch artifacts no index lists"]
+    assert not present(shared) and not present(a)
 
 
 def test_prefetch_entrypoint_follows_path_and_links(tmp_path: Path, image: dict) -> None:

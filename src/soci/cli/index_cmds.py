@@ -109,24 +109,32 @@ def index_rm(app: App, digests: tuple[str, ...]) -> None:
     """Remove SOCI indexes (and the zTOCs and prefetch artifacts no remaining index uses);
     digests may be unique prefixes."""
     store = app.store
-    for digest in [app.resolve_digest(d, "SOCI index") for d in digests]:
-        if store.db.index(digest) is None and not store.content.has_blob(digest):
-            raise NotFoundError(f"no SOCI index {digest} in {store.root}")
-        prefetches = listed_prefetches(store, digest)
-        orphans = store.db.remove_index(digest)
-        for manifest_digest, index_digest in store.mappings.items():
-            if index_digest == digest:
-                store.mappings.remove(manifest_digest)
-        store.fetched.remove_index(digest)
-        store.content.delete_blob(digest)
-        for z in orphans:
-            store.content.delete_blob(z)
-        unused = unused_prefetches(store, prefetches)
+    # Two spellings (or prefixes) of one digest remove it once, not fail the second time.
+    wanted = list(dict.fromkeys(app.resolve_digest(d, "SOCI index") for d in digests))
+    # Prefetch artifacts may be shared between indexes, so which ones nothing lists any more
+    # is only known once every removal is done: found then with one pass over the indexes
+    # left, and done even when a later digest fails, so an earlier one leaves nothing behind.
+    candidates: list[str] = []
+    try:
+        for digest in wanted:
+            if store.db.index(digest) is None and not store.content.has_blob(digest):
+                raise NotFoundError(f"no SOCI index {digest} in {store.root}")
+            candidates += listed_prefetches(store, digest)
+            orphans = store.db.remove_index(digest)
+            for manifest_digest, index_digest in store.mappings.items():
+                if index_digest == digest:
+                    store.mappings.remove(manifest_digest)
+            store.fetched.remove_index(digest)
+            store.content.delete_blob(digest)
+            for z in orphans:
+                store.content.delete_blob(z)
+            click.echo(f"removed {digest}" + (f" and {len(orphans)} zTOCs" if orphans else ""))
+    finally:
+        unused = unused_prefetches(store, candidates)
         for p in unused:
             store.content.delete_blob(p)
-        extra = [f"{len(orphans)} zTOCs"] if orphans else []
-        extra += [f"{len(unused)} prefetch artifacts"] if unused else []
-        click.echo(f"removed {digest}" + (f" and {' and '.join(extra)}" if extra else ""))
+        if unused:
+            click.echo(f"removed {len(unused)} prefetch artifacts no index lists")
 
 
 @click.command("rebuild-db")

@@ -24,12 +24,11 @@ import stat
 from dataclasses import dataclass, field
 
 from soci.errors import ZtocFormatError
+from soci.oci.whiteout import Kind, classify_base
 from soci.ztoc.model import FileMetadata, Ztoc
 
 log = logging.getLogger("soci.fs")
 
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ROOT = 1
 
@@ -188,12 +187,12 @@ class LayerTree:
             raise _refuse(e, f"has a path longer than {PATH_MAX - 1} bytes")
         parent = self._dir(parts[:-1])
         base = parts[-1]
-        if base == OPAQUE_MARKER:
+        kind, hidden = classify_base(base)
+        if kind is Kind.OPAQUE:
             node = self.node(parent)
             node.xattrs = {**(node.xattrs or {}), OPAQUE_XATTR: b"y"}
             return
-        if base.startswith(WHITEOUT_PREFIX):
-            hidden = base[len(WHITEOUT_PREFIX):]
+        if kind is not Kind.PLAIN:  # AUFS bookkeeping too: upstream's FUSE layer does so
             if hidden in (b"", b".", b".."):
                 raise _refuse(e, f"whites out {hidden.decode()!r}, which is no file name")
             self._attach(parent, hidden, Node(stat.S_IFCHR, mtime_ns=parse_mod_time(e.mod_time)))

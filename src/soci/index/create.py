@@ -24,12 +24,12 @@ from soci.index.model import SociIndex
 from soci.oci import boundedjson
 from soci.oci import mediatypes as mt
 from soci.oci.descriptor import Descriptor
+from soci.oci.whiteout import OPAQUE_MARKER
 from soci.prefetch import MergedLayers, PrefetchArtifact, entrypoint_path, prefetch_spans
 from soci.ztoc import DEFAULT_SPAN_SIZE, UnservableLayerError, Ztoc, build_ztoc, decode, encode
 
 DEFAULT_MIN_LAYER_SIZE = 10 << 20
 OPTIMIZATIONS = ("xattr",)
-_OPAQUE = ".wh..wh..opq"
 
 
 class EmptyIndexError(SociError):
@@ -89,8 +89,11 @@ def _skip_reason(layer: Descriptor, opts: CreateOptions) -> str | None:
 
 
 def _disable_xattrs(ztoc: Ztoc) -> bool:
-    """Upstream's xattr optimisation: no xattrs and no opaque directories in the layer."""
-    return not any(e.xattrs or e.name.endswith(_OPAQUE) for e in ztoc.entries)
+    """Upstream's xattr optimisation: no xattrs and no opaque directories in the layer.
+
+    A plain suffix test, not :func:`whiteout_kind`: upstream's (``HasSuffix``) also counts
+    ``x.wh..wh..opq`` and misses ``.wh..wh..opq/``, and the annotation must match its."""
+    return not any(e.xattrs or e.name.endswith(OPAQUE_MARKER) for e in ztoc.entries)
 
 
 def _ztoc_descriptor(layer: Descriptor, digest: str, size: int,

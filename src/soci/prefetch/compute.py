@@ -15,13 +15,12 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from soci.oci.whiteout import Kind, whiteout_kind
 from soci.prefetch.model import PrefetchSpan, merge_spans
 from soci.ztoc import Ztoc
 from soci.ztoc.model import FileMetadata
 from soci.ztoc.zinfo import zinfo_of
 
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
 #: Symbolic links followed while resolving one path (Linux's MAXSYMLINKS).
 MAX_LINKS = 40
 #: The PATH an image without one in its config runs with (Docker's and containerd's).
@@ -57,11 +56,11 @@ def _index(digest: str, ztoc: Ztoc) -> _Layer:
         name = clean_path(e.name)
         if not name:
             continue
-        head, _, base = name.rpartition("/")
-        if base == _OPAQUE:
-            opaque.add(head)
-        elif base.startswith(_WHITEOUT):
-            whiteouts.add(posixpath.join(head, base[len(_WHITEOUT):]))
+        kind, target = whiteout_kind(name)
+        if kind is Kind.OPAQUE:
+            opaque.add(target)
+        elif kind is not Kind.PLAIN:  # AUFS bookkeeping too, as the lazy tree reads it
+            whiteouts.add(target)
         else:
             names[name] = e  # a name written twice: the later entry is what tar extracts
     return _Layer(digest, ztoc, names, whiteouts, opaque)

@@ -83,7 +83,20 @@ def listed_prefetches(store: LocalStore, index_digest: str) -> list[str]:
     return [desc.digest for desc in index.prefetches()]
 
 
+def prefetches_in_use(store: LocalStore) -> set[str]:
+    """Every prefetch artifact some stored SOCI index lists (missing or unreadable indexes
+    skipped, as :func:`list_prefetch_artifacts` does): each index parsed once, the
+    artifacts themselves not read."""
+    found: set[str] = set()
+    for rec in store.db.indexes():
+        found.update(listed_prefetches(store, rec.digest))
+    return found
+
+
 def unused_prefetches(store: LocalStore, digests: list[str]) -> list[str]:
-    """Those of ``digests`` that no SOCI index in the store lists any more."""
-    still = {e.digest for e in list_prefetch_artifacts(store)}
+    """Those of ``digests`` that no SOCI index in the store lists any more. Parses every
+    stored index: call it once for a batch of removals, not once per index removed."""
+    if not digests:
+        return []
+    still = prefetches_in_use(store)
     return [d for d in dict.fromkeys(digests) if d not in still]

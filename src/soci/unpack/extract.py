@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 from isal import igzip, igzip_threaded
 
 from soci.errors import SociError
+from soci.oci.whiteout import Kind, classify_base, is_aufs_meta
 from soci.unpack.errors import (
     LayerDigestError,
     UnpackCancelledError,
@@ -80,9 +81,6 @@ MAX_XATTR_VALUE = 65536
 MAX_DIRECTORIES = 1_000_000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPAQUE = b".wh..wh..opq"
-_WHITEOUT = b".wh."
-_AUFS_META = b".wh..wh."
 _FD_CACHE = 64
 
 
@@ -311,24 +309,23 @@ class _Extractor:
             self._directory((), self._root, e)
             return
         base = comps[-1]
-        if any(c.startswith(_AUFS_META) for c in comps[:-1]) or (
-                base.startswith(_AUFS_META) and base != _OPAQUE):
+        wh_kind, hidden = classify_base(base)
+        if wh_kind is Kind.AUFS_META or any(is_aufs_meta(c) for c in comps[:-1]):
             return  # AUFS bookkeeping (.wh..wh.plnk etc.), as containerd skips it
-        if base == _OPAQUE:
+        if wh_kind is Kind.OPAQUE:
             fd = self._dir(comps[:-1], True)
             os.setxattr(fd, b"trusted.overlay.opaque", b"y")
             self.entries += 1
             return
         parent = self._dir(comps[:-1], True)
-        if base.startswith(_WHITEOUT):
-            name = base[len(_WHITEOUT):]
-            if name in (b"", b".", b".."):
+        if wh_kind is Kind.WHITEOUT:
+            if hidden in (b"", b".", b".."):
                 raise UnsafeLayerError(f"layer tar has an invalid whiteout {_show(e.path)}")
             if not self._as_root:
                 raise UnpackError("overlay whiteouts can only be created as root")
-            self._create(parent, (*comps[:-1], name), lambda: os.mknod(
-                name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent))
-            os.chown(name, e.uid, e.gid, dir_fd=parent, follow_symlinks=False)
+            self._create(parent, (*comps[:-1], hidden), lambda: os.mknod(
+                hidden, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent))
+            os.chown(hidden, e.uid, e.gid, dir_fd=parent, follow_symlinks=False)
             self.entries += 1
             return
         kind = e.type
