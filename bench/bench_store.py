@@ -232,8 +232,8 @@ def big_run(rows: dict[str, list[float]], profile: dict[str, list[dict[str, floa
             registry_pid: int | None) -> None:
     """Rows 1-3 for one run, through one fresh daemon."""
     run_root = fresh_root(root, scratch / f"run{run}")
-    with StoreDaemon(run_root, scratch / f"mnt{run}",
-                     extra_config=config) as daemon:
+    with StoreDaemon(run_root, scratch / f"mnt{run}", extra_config=config,
+                     log_level="info") as daemon:
         diff = daemon.layer_dir(ref, digest) / "diff"
         os.listdir(diff)  # resolve the image first (manifest, config, zTOC)
         fuse_paths = [diff / n for n in names]
@@ -312,7 +312,8 @@ def small_run(rows: dict[str, list[float]], members: list[tarfile.TarInfo], zinf
         client = RegistryClient(plain_http=True)
         r = Reference.parse(pref)
         client.head_manifest(r)  # a warm connection, as the daemon has
-        with StoreDaemon(cold_root, scratch / f"mnt-cold{run}", extra_config=config) as daemon:
+        with StoreDaemon(cold_root, scratch / f"mnt-cold{run}", extra_config=config,
+                         log_level="info") as daemon:
             layer_dir = daemon.layer_dir(pref, digest)
             os.listdir(layer_dir / "diff")  # resolve the image first (manifest, config)
 

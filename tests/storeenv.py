@@ -32,9 +32,9 @@ class StoreDaemon(Daemon):
 
     def __init__(self, root: Path, mountpoint: Path, *, background: bool = False,
                  extra_config: str = "", env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), log_level: str = "debug") -> None:
         super().__init__(root.parent / f"{root.name}-store.log", mountpoint, env)
-        self.root, self.extra_args = root, extra_args
+        self.root, self.extra_args, self.log_level = root, extra_args, log_level
         self.config = root.parent / f"{root.name}-store.toml"
         silence = "100" if background else "30000"
         self.config.write_text(
@@ -44,7 +44,7 @@ class StoreDaemon(Daemon):
 
     def argv(self) -> list[str]:
         return [sys.executable, "-c", "from soci.store.daemon import main; main()",
-                "--config", str(self.config), "--log-level", "debug",
+                "--config", str(self.config), "--log-level", self.log_level,
                 "--metrics-address", self.metrics_address, *self.extra_args,
                 str(self.mountpoint)]
 

@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 from soci._native.tarscan import TarScanner
-from soci._native.zran import GzipIndexer, _set_zlib_piece, inflate_range
+from soci._native.zran import GzipIndexer, _set_zlib_piece, inflate_new, inflate_range
 
 from soci.errors import LayerFormatError
 from soci.ztoc import build_ztoc
@@ -90,6 +90,27 @@ def test_cli_build_of_huge_size_fails_with_one_line(tmp_path) -> None:
 def test_inflate_range_refuses_negative_skip() -> None:
     with pytest.raises(ValueError, match="negative"):
         inflate_range(b"\x03\x00", 0, bytes(32768), -1, bytearray(10))
+
+
+def test_inflate_new_hands_out_only_what_it_inflated() -> None:
+    """The unzeroed buffer is cut to what was written: asking past the stream's end gives
+    the stream, never whatever memory held before."""
+    blob, plain = _two_members()
+    comp = blob[10:]  # raw deflate from member one's first byte
+    assert inflate_new(comp, 0, bytes(32768), 100, len(plain) - 100) == plain[100:]
+    assert inflate_new(comp, 0, bytes(32768), 0, 1000) == plain[:1000]
+    past = inflate_new(comp, 0, bytes(32768), 0, len(plain) + (1 << 20))
+    assert past == plain and len(past) == len(plain)
+    assert inflate_new(b"", 0, bytes(32768), 0, 4096) == b""
+    assert inflate_new(comp, 0, bytes(32768), 0, 0) == b""
+    with pytest.raises(ValueError, match="negative"):
+        inflate_new(comp, 0, bytes(32768), 0, -1)
+    with pytest.raises(ValueError, match="negative"):
+        inflate_new(comp, 0, bytes(32768), -1, 10)
+    with pytest.raises(ValueError, match="32768"):
+        inflate_new(comp, 0, bytes(10), 0, 10)
+    with pytest.raises(LayerFormatError, match="corrupt gzip"):
+        inflate_new(b"\xff" * 64, 0, bytes(32768), 0, 1000)
 
 
 def _two_members() -> tuple[bytes, bytes]:

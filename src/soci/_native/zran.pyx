@@ -20,6 +20,8 @@ and turned into a Python exception in exactly one place per entry point.
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.stdint cimport int64_t, int32_t, uint8_t, INT32_MAX
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize,
+                               PyByteArray_Resize)
 
 from soci._native.zlib cimport *
 from soci._native.tarscan cimport TarScanner
@@ -323,20 +325,55 @@ def inflate_range(const unsigned char[:] comp, int bits, const unsigned char[:] 
     the checkpoint has ``bits``); ``window`` is its 32 KiB dictionary. Returns
     the number of bytes written, which is short only if ``comp`` ran out.
     """
-    cdef const char *why = NULL
-    cdef Py_ssize_t got = 0
-    cdef int rc
+    _check_checkpoint(window, bits, skip)
+    if comp.shape[0] == 0:
+        return 0
+    return _inflate_into(comp, bits, window, skip,
+                         &dest[0] if dest.shape[0] else NULL, dest.shape[0])
+
+
+def inflate_new(const unsigned char[:] comp, int bits, const unsigned char[:] window,
+                int64_t skip, Py_ssize_t length) -> bytearray:
+    """``inflate_range`` into a new bytearray of at most ``length`` bytes: cut to what
+    was written when ``comp`` runs out first.
+
+    The buffer is not zeroed before the inflate fills it: zeroing a span's megabytes
+    cost a pass over memory with the GIL held, which a reader waiting on the event loop
+    felt. No byte of it that the inflate did not write is ever handed out.
+    """
+    _check_checkpoint(window, bits, skip)
+    if length < 0:
+        raise ValueError("the length to inflate cannot be negative")
+    out = PyByteArray_FromStringAndSize(NULL, length if comp.shape[0] else 0)
+    if comp.shape[0] == 0 or length == 0:
+        return out
+    got = _inflate_into(comp, bits, window, skip,
+                        <unsigned char *>PyByteArray_AS_STRING(out), length)
+    if got != length:
+        PyByteArray_Resize(out, got)
+    return out
+
+
+cdef _check_checkpoint(const unsigned char[:] window, int bits, int64_t skip):
     if window.shape[0] != WINSIZE:
         raise ValueError("a checkpoint window is 32768 bytes")
     if not 0 <= bits <= 7:
         raise ValueError("checkpoint bits must be 0..7")
     if skip < 0:
         raise ValueError("the bytes to skip cannot be negative")
-    if comp.shape[0] == 0:
-        return 0
+
+
+cdef Py_ssize_t _inflate_into(const unsigned char[:] comp, int bits,
+                              const unsigned char[:] window, int64_t skip,
+                              unsigned char *dest, Py_ssize_t size) except -1:
+    """The one place a checkpointed inflate runs (without the GIL) and its failure
+    becomes a Python exception; ``comp`` is not empty."""
+    cdef const char *why = NULL
+    cdef Py_ssize_t got = 0
+    cdef int rc
     with nogil:
-        rc = inflate_from(&comp[0], comp.shape[0], bits, &window[0], skip,
-                          &dest[0] if dest.shape[0] else NULL, dest.shape[0], &got, &why)
+        rc = inflate_from(&comp[0], comp.shape[0], bits, &window[0], skip, dest, size, &got,
+                          &why)
     if rc < 0:
         from soci.errors import LayerFormatError
         raise LayerFormatError(f"corrupt gzip data in span: {why.decode(errors='replace')}")

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from soci._native.zran import inflate_range
+from soci._native.zran import inflate_new
 from soci._native.zstdframes import decompress_range
 from soci.errors import DigestMismatchError, LayerFormatError
 from soci.fs.cache import DiskCache, MemoryCache, inflated_name
@@ -525,13 +525,14 @@ class SpanManager:
         self.inflates += 1
         if isinstance(self.zinfo, TarZinfo):
             return bytes(comp[skip : skip + length])
-        out = bytearray(length)
         if isinstance(self.zinfo, ZstdZinfo):
             # A zstd span starts on a frame start: no window or bits to prime.
+            out = bytearray(length)
             got = decompress_range(comp, skip, out)
         else:
-            got = inflate_range(comp, self.zinfo.bits[span], self.zinfo.window(span), skip, out)
-        if got != len(out):
+            out = inflate_new(comp, self.zinfo.bits[span], self.zinfo.window(span), skip, length)
+            got = len(out)
+        if got != length:
             raise LayerFormatError(f"span {span} of {self.key} decoded short")
         return out
 
