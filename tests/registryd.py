@@ -413,6 +413,9 @@ class FaultCounters:
     seen: list[str] = field(default_factory=list)
     #: Response body bytes sent, by request path.
     sent: dict[str, int] = field(default_factory=dict)
+    #: Requests held by a ``stall`` now, and the most held at once.
+    stalled: int = 0
+    most_stalled: int = 0
 
 
 _HOP_BY_HOP = frozenset(
@@ -509,7 +512,15 @@ class FaultProxy:
         body = _read_request_body(handler)
         stall = self._take(request_line, ("stall",))
         if stall is not None:
-            time.sleep(min(stall.seconds, 30.0))
+            with self._lock:
+                self.counters.stalled += 1
+                self.counters.most_stalled = max(self.counters.most_stalled,
+                                                 self.counters.stalled)
+            try:
+                time.sleep(min(stall.seconds, 30.0))
+            finally:
+                with self._lock:
+                    self.counters.stalled -= 1
         fault = self._take(request_line, ("status",))
         if fault is not None:
             payload = json.dumps(

@@ -8,22 +8,25 @@ up to (offset + size) // 65536, as upstream maps them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from images import big_file, write_image
 from layers import Node, tar_with_tarfile
-from registryd import Registry, push_layout
+from registryd import FaultProxy, Registry, push_layout
 from storeenv import StoreDaemon
 
 PREFETCH = "application/vnd.amazon.soci.prefetch.v1+json"
@@ -429,6 +432,94 @@ def test_the_snapshotter_prefetches_too(served: dict, tmp_path: Path) -> None:
         assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS  # committed lazily
         wait_until(lambda: prefetched(sn) == served["count"], sn)
         assert layer_status(sn)["spans_held"] == served["count"]
+
+
+MANY = 6  # layers mounted at once: the old thread per layer (and one more) made 12 threads
+
+
+def prefetched_by_layer(daemon) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{daemon.metrics_address}/metrics") as resp:
+        text = resp.read().decode()
+    return {line.split('layer="', 1)[1].split('"', 1)[0]: int(float(line.split()[-1]))
+            for line in text.splitlines()
+            if line.startswith("soci_layer_prefetched_spans_total{")}
+
+
+def test_many_layers_prefetch_on_a_bounded_pool(tmp_path: Path) -> None:
+    """Six layers, each with an artifact, mounted at once: every named span is prefetched,
+    by a pool of Prefetcher.UNLIMITED_THREADS threads (default max_concurrency, no limit),
+    not by threads that grow with the layers."""
+    from soci.serve.background import Prefetcher
+
+    bound = Prefetcher.UNLIMITED_THREADS
+    assert bound < 2 * MANY
+    tars = [tar_with_tarfile([Node(f"l{i}", "dir", mode=0o755),
+                              Node(f"l{i}/p.bin", data=big_file(f"many{i}", 1_000_000))],
+                             tarfile.PAX_FORMAT) for i in range(MANY)]
+    with Registry() as reg, FaultProxy(reg.host) as proxy:
+        written = write_image(tmp_path / "img", "v1", tars)
+        push_layout(tmp_path / "img", reg.host, "many:v1", tag="v1")
+        ref = f"{proxy.host}/many:v1"
+        builder = tmp_path / "builder"
+        files = [arg for i in range(MANY) for arg in ("--prefetch-file", f"/l{i}/p.bin")]
+        soci(builder, "create", "--min-layer-size", "0", "--span-size", str(SPAN), *files, ref)
+        soci(builder, "push", ref)
+        index_digest = (builder / "indexes" / written.manifest_digest[7:]).read_text().strip()
+        expected = {}
+        for desc in json.loads(blob(builder, index_digest))["layers"]:
+            if desc["mediaType"] == PREFETCH:
+                ranges = json.loads(blob(builder, desc["digest"]))["prefetch_spans"]
+                expected[desc["annotations"][LAYER_ANN]] = sum(
+                    r["end_span"] - r["start_span"] + 1 for r in ranges)
+        assert sorted(expected) == sorted(la.digest for la in written.layers)
+
+        with StoreDaemon(tmp_path / "root", tmp_path / "mnt",
+                         extra_config="[prefetch]\nenable = true\n") as daemon:
+            assert daemon.proc is not None
+            tasks = Path(f"/proc/{daemon.proc.pid}/task")
+
+            def pool_threads() -> int:
+                """The daemon's threads named soci-prefetch-N by the pool."""
+                names = []
+                for task in tasks.iterdir():
+                    with contextlib.suppress(OSError):  # a thread that just ended
+                        names.append((task / "comm").read_text())
+                return sum(n.startswith("soci-prefetch-") for n in names)
+
+            assert pool_threads() == 0  # no pool before a layer has an artifact
+            most = 0
+            done = threading.Event()
+
+            def watch() -> None:
+                nonlocal most
+                while not done.is_set():
+                    most = max(most, pool_threads())
+                    time.sleep(0.005)
+
+            # The first two span requests of each layer are held a while, so that layers
+            # are prefetching together: the old thread per layer (and its helper) had all
+            # 2 * MANY requests held at once; the pool holds at most ``bound``.
+            for digest in expected:
+                proxy.stall(2, 1.5, match=f"GET /v2/many/blobs/{digest}")
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                with ThreadPoolExecutor(MANY) as pool:  # all mounted at once
+                    listed = list(pool.map(
+                        lambda d: sorted(p.name for p in (daemon.layer_dir(ref, d) / "diff")
+                                         .iterdir()), expected))
+                assert listed == [[f"l{i}"] for i in range(MANY)]
+                wait_until(lambda: prefetched_by_layer(daemon) == expected, daemon)
+            finally:
+                done.set()
+                watcher.join()
+            assert proxy.injected("stall") == 2 * MANY
+            assert proxy.counters.most_stalled <= bound, proxy.counters.most_stalled
+            assert most == bound == pool_threads()  # the pool stays, waiting for work
+            logs = daemon.logs()
+            for digest, count in expected.items():
+                assert f"layer {digest}: prefetched {count} spans named by" in logs
+            assert "prefetch spans failed" not in logs
 
 
 def _tamper(served: dict, root: Path, desc: dict, data: bytes | None) -> None:

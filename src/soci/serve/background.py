@@ -3,9 +3,12 @@ the spans an image's prefetch artifact names as soon as a layer is mounted (pref
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import threading
 import time
+from collections import deque
 
 from soci.errors import SociError
 from soci.prefetch import EmptyPrefetchError
@@ -43,89 +46,172 @@ class BackgroundFetcher(threading.Thread):
                 break
 
 
+class _Job:
+    """One mounted layer's prefetch: admitted (holding one of ``max_concurrency`` places)
+    from its artifact's load until its last span is done."""
+
+    __slots__ = ("aborted", "failed", "in_flight", "layer", "todo", "total")
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+        self.todo: deque[int] | None = None  # None while the artifact is being loaded
+        self.total = 0
+        self.in_flight = 0
+        self.failed: list[str] = []
+        self.aborted = False
+
+
+def _name_os_thread(name: str) -> None:
+    """Show ``name`` (first 15 bytes) for the calling thread in ps -L, top -H and
+    /proc/<pid>/task/*/comm: Python 3.11 names its threads for Python only. Best effort."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 class Prefetcher:
     """Fetches the spans a layer's prefetch artifact names as soon as the layer is mounted
-    (upstream's ``[prefetch]``), on a thread of its own: best effort, never delaying or
-    failing the mount. Spans go through the verified span path onto the disk cache, like
-    the background fetch's, a few requests at a time per layer; at most
-    ``max_concurrency`` layers prefetch at once (0: no limit).
+    (upstream's ``[prefetch]``): best effort, never delaying or failing the mount. Spans go
+    through the verified span path onto the disk cache, like the background fetch's.
+
+    The work runs on one small pool of daemon threads, started with the first layer that
+    has an artifact, fed in mount order (a layer's artifact, then its spans), so the number
+    of threads does not grow with the number of layers mounted. At most ``max_concurrency``
+    layers prefetch at once (0: no limit); a layer holds its place from its artifact's load
+    to its last span.
     """
 
-    #: Span requests in flight per prefetching layer.
+    #: Span requests in flight per prefetching layer (when layers are limited).
     WORKERS = 2
+    #: Pool size without a layer limit: two layers' worth, so one layer's artifact load (a
+    #: registry round trip) overlaps another's span fetches, yet few threads contend for the
+    #: GIL with the FUSE requests being served meanwhile.
+    UNLIMITED_THREADS = 2 * WORKERS
+    #: Upper bound on the pool, however large ``max_concurrency`` is.
+    MAX_THREADS = 16
 
     def __init__(self, manager: LayerManager, max_concurrency: int = 0) -> None:
         self.manager = manager
-        self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency > 0 else None
+        self.max_concurrency = max(max_concurrency, 0)
+        #: Threads in the pool: enough for every admitted layer to keep WORKERS requests in
+        #: flight, as when each layer had threads of its own.
+        self.threads = min(self.WORKERS * self.max_concurrency or self.UNLIMITED_THREADS,
+                           self.MAX_THREADS)
         self.stopped = threading.Event()
-        self._count_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiting: deque[Layer] = deque()  # mounted, not yet admitted (mount order)
+        self._active: list[_Job] = []          # admitted (mount order)
+        self._pool: list[threading.Thread] = []
 
     def __call__(self, layer: Layer) -> None:
-        """``LayerManager.on_mount``: start prefetching ``layer`` if its index says what."""
+        """``LayerManager.on_mount``: queue ``layer`` for prefetch if its index says what."""
         if layer.prefetch is None or self.stopped.is_set():
             return
-        threading.Thread(target=self._run, args=(layer,), daemon=True,
-                         name=f"soci-prefetch-{layer.digest[7:19]}").start()
+        with self._cond:
+            self._waiting.append(layer)
+            if not self._pool:
+                for i in range(self.threads):
+                    t = threading.Thread(target=self._work, daemon=True,
+                                         name=f"soci-prefetch-{i}")
+                    self._pool.append(t)
+                    t.start()
+            self._cond.notify()
 
     def stop(self) -> None:
+        """Let the pool go: threads waiting for work end now, busy ones after their span."""
         self.stopped.set()
+        with self._cond:
+            self._waiting.clear()
+            self._cond.notify_all()
 
-    def _run(self, layer: Layer) -> None:
-        if self._slots is not None:
-            while not self._slots.acquire(timeout=0.5):
-                if self.stopped.is_set():
-                    return
-        try:
-            self._prefetch(layer)
-        except Exception:
-            log.exception("prefetch of layer %s failed", layer.digest)
-        finally:
-            if self._slots is not None:
-                self._slots.release()
+    def _next(self) -> tuple[_Job, int | None] | None:
+        """The next thing to do (caller holds ``_cond``): a span of the earliest admitted
+        layer with spans left, else the artifact of the next layer if one may start
+        (span None), else nothing."""
+        for job in self._active:
+            if job.todo:
+                job.in_flight += 1
+                return job, job.todo.popleft()
+        if self._waiting and (not self.max_concurrency
+                              or len(self._active) < self.max_concurrency):
+            job = _Job(self._waiting.popleft())
+            job.in_flight = 1
+            self._active.append(job)
+            return job, None
+        return None
 
-    def _prefetch(self, layer: Layer) -> None:
+    def _work(self) -> None:
+        _name_os_thread(threading.current_thread().name)
+        while True:
+            with self._cond:
+                while True:
+                    if self.stopped.is_set():
+                        return
+                    item = self._next()
+                    if item is not None:
+                        break
+                    self._cond.wait()
+            job, span = item
+            spans: list[int] | None = None
+            error: str | None = None
+            broken = False
+            try:
+                if span is None:
+                    spans = self._load(job.layer)
+                else:
+                    job.layer.spans.prefetch(span)
+            except SociError as e:
+                error = f"span {span}: {e}"
+            except Exception:
+                log.exception("prefetch of layer %s failed", job.layer.digest)
+                broken = True
+            with self._cond:
+                job.in_flight -= 1
+                if broken:
+                    job.aborted = True
+                elif span is None:
+                    job.todo = deque(spans or ())
+                    job.total = len(job.todo)
+                    if spans is None:
+                        job.aborted = True  # skipped or refused: _load said why
+                elif error is not None:
+                    job.failed.append(error)
+                else:
+                    job.layer.prefetched_spans += 1
+                if job.aborted and job.todo:
+                    job.todo.clear()
+                done = not job.todo and job.in_flight == 0
+                if done:
+                    self._active.remove(job)
+                    self._cond.notify_all()  # a place is free, or new spans are queued
+                elif span is None:
+                    self._cond.notify_all()
+            if done and not job.aborted:
+                self._finished(job)
+
+    def _load(self, layer: Layer) -> list[int] | None:
+        """The spans ``layer``'s artifact names, or None (logged) when there are none to
+        prefetch: no disk cache to keep them in, an empty artifact, a refused one."""
         desc = layer.prefetch
         assert desc is not None
         if layer.spans.disk is None:
             log.info("layer %s: prefetch skipped (no disk cache to keep spans in)", layer.digest)
-            return
+            return None
         try:
             artifact = self.manager.load_prefetch(layer)
         except EmptyPrefetchError:
             log.info("layer %s: prefetch artifact %s names no spans", layer.digest, desc.digest)
-            return
+            return None
         except SociError as e:
             log.warning("layer %s: prefetch artifact %s refused: %s", layer.digest,
                         desc.digest, e)
-            return
-        todo = artifact.span_ids()
-        pending = iter(todo)
-        take = threading.Lock()
-        failed: list[str] = []
+            return None
+        return list(artifact.span_ids())
 
-        def work() -> None:
-            while not self.stopped.is_set():
-                with take:
-                    span = next(pending, None)
-                if span is None:
-                    return
-                try:
-                    layer.spans.prefetch(span)
-                except SociError as e:
-                    failed.append(f"span {span}: {e}")
-                    continue
-                with self._count_lock:
-                    layer.prefetched_spans += 1
-
-        threads = [threading.Thread(target=work, daemon=True)
-                   for _ in range(min(self.WORKERS, len(todo)) - 1)]
-        for t in threads:
-            t.start()
-        work()
-        for t in threads:
-            t.join()
-        if failed:
+    def _finished(self, job: _Job) -> None:
+        layer, desc = job.layer, job.layer.prefetch
+        assert desc is not None
+        if job.failed:
             log.warning("layer %s: %d of %d prefetch spans failed (read lazily instead); "
-                        "first: %s", layer.digest, len(failed), len(todo), failed[0])
+                        "first: %s", layer.digest, len(job.failed), job.total, job.failed[0])
         log.info("layer %s: prefetched %d spans named by %s", layer.digest,
-                 len(todo) - len(failed), desc.digest)
+                 job.total - len(job.failed), desc.digest)
