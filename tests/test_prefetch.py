@@ -445,6 +445,32 @@ def prefetched_by_layer(daemon) -> dict[str, int]:
             if line.startswith("soci_layer_prefetched_spans_total{")}
 
 
+def layers_with_artifacts(tmp_path: Path, reg: Registry, proxy: FaultProxy,
+                          count: int) -> tuple[str, dict[str, int]]:
+    """An image of ``count`` gzip layers (l<i>/p.bin, 1 MB each) pushed to ``reg`` and
+    indexed with an artifact naming each layer's file: the ref through ``proxy``, and the
+    number of spans each layer's artifact names."""
+    tars = [tar_with_tarfile([Node(f"l{i}", "dir", mode=0o755),
+                              Node(f"l{i}/p.bin", data=big_file(f"many{i}", 1_000_000))],
+                             tarfile.PAX_FORMAT) for i in range(count)]
+    written = write_image(tmp_path / "img", "v1", tars)
+    push_layout(tmp_path / "img", reg.host, "many:v1", tag="v1")
+    ref = f"{proxy.host}/many:v1"
+    builder = tmp_path / "builder"
+    files = [arg for i in range(count) for arg in ("--prefetch-file", f"/l{i}/p.bin")]
+    soci(builder, "create", "--min-layer-size", "0", "--span-size", str(SPAN), *files, ref)
+    soci(builder, "push", ref)
+    index_digest = (builder / "indexes" / written.manifest_digest[7:]).read_text().strip()
+    expected = {}
+    for desc in json.loads(blob(builder, index_digest))["layers"]:
+        if desc["mediaType"] == PREFETCH:
+            ranges = json.loads(blob(builder, desc["digest"]))["prefetch_spans"]
+            expected[desc["annotations"][LAYER_ANN]] = sum(
+                r["end_span"] - r["start_span"] + 1 for r in ranges)
+    assert list(expected) == [la.digest for la in written.layers]
+    return ref, expected
+
+
 def test_many_layers_prefetch_on_a_bounded_pool(tmp_path: Path) -> None:
     """Six layers, each with an artifact, mounted at once: every named span is prefetched,
     by a pool of Prefetcher.UNLIMITED_THREADS threads (default max_concurrency, no limit),
@@ -453,26 +479,8 @@ def test_many_layers_prefetch_on_a_bounded_pool(tmp_path: Path) -> None:
 
     bound = Prefetcher.UNLIMITED_THREADS
     assert bound < 2 * MANY
-    tars = [tar_with_tarfile([Node(f"l{i}", "dir", mode=0o755),
-                              Node(f"l{i}/p.bin", data=big_file(f"many{i}", 1_000_000))],
-                             tarfile.PAX_FORMAT) for i in range(MANY)]
     with Registry() as reg, FaultProxy(reg.host) as proxy:
-        written = write_image(tmp_path / "img", "v1", tars)
-        push_layout(tmp_path / "img", reg.host, "many:v1", tag="v1")
-        ref = f"{proxy.host}/many:v1"
-        builder = tmp_path / "builder"
-        files = [arg for i in range(MANY) for arg in ("--prefetch-file", f"/l{i}/p.bin")]
-        soci(builder, "create", "--min-layer-size", "0", "--span-size", str(SPAN), *files, ref)
-        soci(builder, "push", ref)
-        index_digest = (builder / "indexes" / written.manifest_digest[7:]).read_text().strip()
-        expected = {}
-        for desc in json.loads(blob(builder, index_digest))["layers"]:
-            if desc["mediaType"] == PREFETCH:
-                ranges = json.loads(blob(builder, desc["digest"]))["prefetch_spans"]
-                expected[desc["annotations"][LAYER_ANN]] = sum(
-                    r["end_span"] - r["start_span"] + 1 for r in ranges)
-        assert sorted(expected) == sorted(la.digest for la in written.layers)
-
+        ref, expected = layers_with_artifacts(tmp_path, reg, proxy, MANY)
         with StoreDaemon(tmp_path / "root", tmp_path / "mnt",
                          extra_config="[prefetch]\nenable = true\n") as daemon:
             assert daemon.proc is not None
@@ -521,6 +529,31 @@ def test_many_layers_prefetch_on_a_bounded_pool(tmp_path: Path) -> None:
                 assert f"layer {digest}: prefetched {count} spans named by" in logs
             assert "prefetch spans failed" not in logs
 
+
+
+def test_failed_spans_are_counted_once_per_layer(tmp_path: Path) -> None:
+    """Two layers; two span requests of the first answered 404: that layer logs one line
+    for both (the rest prefetched, the two read lazily later), the second is whole."""
+    with Registry() as reg, FaultProxy(reg.host) as proxy:
+        ref, expected = layers_with_artifacts(tmp_path, reg, proxy, 2)
+        first, second = expected
+        with StoreDaemon(tmp_path / "root", tmp_path / "mnt",
+                         extra_config="[prefetch]\nenable = true\n") as daemon:
+            proxy.fail(2, 404, match=f"GET /v2/many/blobs/{first}")
+            for i, digest in enumerate(expected):  # mounts the layers, reads nothing
+                assert (daemon.layer_dir(ref, digest) / "diff" / f"l{i}").is_dir()
+            wait_until(lambda: prefetched_by_layer(daemon) == {
+                first: expected[first] - 2, second: expected[second]}, daemon)
+            wait_until(lambda: f"layer {first}: prefetched" in daemon.logs(), daemon)
+            assert proxy.injected("status") == 2
+            logs = daemon.logs()
+            failed = [x for x in logs.splitlines() if "prefetch spans failed" in x]
+            assert len(failed) == 1 and f"layer {first}: 2 of {expected[first]} " in failed[0]
+            assert "first: span " in failed[0]
+            assert f"layer {first}: prefetched {expected[first] - 2} spans named by" in logs
+            assert f"layer {second}: prefetched {expected[second]} spans named by" in logs
+            data = (daemon.layer_dir(ref, first) / "diff" / "l0" / "p.bin").read_bytes()
+            assert data == big_file("many0", 1_000_000)
 
 def _tamper(served: dict, root: Path, desc: dict, data: bytes | None) -> None:
     """Copy the builder's store to ``root`` with the index's prefetch descriptor replaced by
